@@ -1,0 +1,254 @@
+"""One tree of defaults for the whole pipeline, profiles, and the run's saved config.
+
+Resolution order (later wins): :data:`DEFAULTS` -> profile (:data:`PROFILES`) ->
+``--config FILE`` (YAML, same shape) -> ``key=value`` overrides on the command line
+(dotted keys, values parsed as YAML: ``image_model.epochs=3``, ``cam.tta_flip=true``).
+
+The resolved tree is written to ``RUN/config.yaml`` by the first stage that runs; later
+stages read it, so they need only ``--run RUN``. An unknown key is an error that lists
+the valid keys of that section.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .fsutil import write_text
+
+#: Every setting of the pipeline, with a comment each. Sections belong to stages.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,  # one seed for splits, augmentation, initialisation and sampling
+    "data": None,  # data folder in the Kaggle layout (train.csv, train/, test/, optional gt/)
+    "profile": "default",  # the profile this tree was built from (informational)
+    "device": "auto",  # auto (cuda when available) | cpu | cuda
+    "num_workers": 2,  # DataLoader / process-pool workers for per-image work
+    "on_bad_image": "error",  # error: stop before long work | skip: record the image in RUN/skipped.csv and go on
+    # ---------------------------------------------------------------- stage 01
+    "image_model": {
+        "arch": "efficientnet-b0",  # backbone by name, see hpa.models.available_models()
+        "pretrained": None,  # local path to an ImageNet state dict (3-channel); never downloaded
+        "image_size": 256,  # fields are resized to this square size (cached as uint8)
+        "epochs": 12,
+        "batch_size": 16,
+        "lr": 2.0e-3,  # peak learning rate of AdamW (after warm-up)
+        "weight_decay": 1.0e-2,
+        "warmup_epochs": 1.0,  # linear warm-up length, then cosine decay to 0
+        "loss": "bce",  # bce | focal
+        "focal_gamma": 2.0,
+        "amp": "auto",  # auto: bf16 on CUDA, off on CPU | bf16 | off
+        "channels_last": True,
+        "accumulate": 1,  # gradient accumulation steps
+        "folds": 5,  # multi-label stratified folds written to RUN/splits.csv
+        "val_fold": 0,  # the fold held out for validation
+        "aug_crop_scale": [0.6, 1.0],  # random resized crop area range (1.0 disables)
+        "aug_intensity": 0.2,  # per-channel brightness/contrast/gamma jitter strength (0 disables)
+        "dropout": 0.2,
+    },
+    # ---------------------------------------------------------------- stage 02
+    "cam": {
+        "method": "cam",  # cam (exact, one pass for all classes) | gradcam | gradcam++ | xgradcam | ...
+        "batch_size": 16,
+        "tta_flip": False,  # average CAMs over horizontal/vertical flips
+        "test_prob_floor": 0.0,  # test split: store CAMs of classes with probability >= floor (0: all 19)
+        "overlay_max_images": 200,  # overlays drawn for at most this many images per split
+        "overlay_size": 512,  # longest side of overlay panels in pixels
+    },
+    # ---------------------------------------------------------------- stage 03
+    "segment": {
+        "segmenter": "classical",  # classical | hpacellseg
+        "nuclei_model": None,  # hpacellseg: local path of the nuclei model weights
+        "cell_model": None,  # hpacellseg: local path of the cell model weights
+        "scale_factor": 0.25,  # hpacellseg: working scale
+        "work_size": 512,  # classical: fields are segmented at about this longest side, labels upsampled
+    },
+    # ---------------------------------------------------------------- stage 04
+    "pseudo": {
+        "score": "topk_mean",  # mean | topk_mean: aggregate of the normalised CAM inside a cell
+        "topk_frac": 0.25,  # top-k mean over this fraction of the cell's pixels
+        "times_image_prob": True,  # multiply cell CAM scores by the image-level probability
+        "pos_quantile": 0.5,  # per-class positive threshold: this quantile of best-class scores of labelled cells
+        "pos_min": 0.3,  # ... but never below this
+        "neg_threshold": 0.1,  # a cell whose best score is below this becomes Negative (18)
+        "cycle2_weight": 0.5,  # cycle 2: evidence = (1-w) * CAM score + w * cycle-1 cell probability
+    },
+    # ---------------------------------------------------------------- stage 05
+    "cell_model": {
+        "crop_size": 96,  # cell crops are resized to this square size
+        "margin": 0.1,  # bbox margin, as a fraction of the bbox size
+        "outside": "dim",  # zero | dim | keep: what happens to pixels outside the cell mask
+        "dim_factor": 0.25,
+        "epochs": 6,
+        "batch_size": 64,
+        "lr": 1.0e-3,
+        "weight_decay": 1.0e-2,
+        "warmup_epochs": 0.5,
+        "label_smoothing": 0.1,
+        "balanced_sampling": True,
+        "amp": "auto",
+        "channels_last": True,
+        "accumulate": 1,
+    },
+    # ---------------------------------------------------------------- stage 06
+    "predict": {
+        "combine": "product",  # product | mean | cell | image: how cell and image probabilities combine
+        "negative": "max",  # max | min_complement | cell: how the Negative confidence is formed
+        "small_cell_penalty": True,  # lower confidence for small cells and cells cut by the border
+        "cycle": "last",  # which cycle's cell model predicts (last | 1 | 2)
+    },
+}
+
+#: Profile overrides, applied on top of DEFAULTS.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {  # tiny: the whole chain in a couple of minutes on 2 CPU cores (tests use it)
+        "num_workers": 0,
+        "image_model": {"image_size": 128, "epochs": 2, "batch_size": 8, "folds": 3},
+        "cam": {"overlay_max_images": 4},
+        "segment": {"work_size": 256},
+        "cell_model": {"crop_size": 48, "epochs": 1, "batch_size": 32},
+    },
+    "default": {},  # bash run_all.sh on a fresh machine: synthetic data, ~20 min on 2 CPU cores
+    "full": {  # real HPA scale on a GPU
+        "num_workers": 8,
+        "image_model": {"arch": "efficientnet-b3", "image_size": 768, "epochs": 20, "batch_size": 16, "lr": 5e-4},
+        "cam": {"batch_size": 8},
+        "segment": {"work_size": 1024},
+        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """An invalid setting: the message names the key and the valid choices."""
+
+
+def merge(base: dict, override: dict, path: str = "") -> dict:
+    """Return ``base`` updated by ``override`` recursively; unknown keys are errors."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        dotted = f"{path}{key}"
+        if key not in out:
+            raise ConfigError(f"unknown setting {dotted!r}; valid keys{' of ' + path.rstrip('.') if path else ''}: {sorted(out)}")
+        if isinstance(out[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"setting {dotted!r} is a section; give {dotted}.KEY=VALUE")
+            out[key] = merge(out[key], value, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=3", "c=x"]`` -> ``{"a": {"b": 3}, "c": "x"}`` (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example image_model.epochs=3)")
+        key, value = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return tree
+
+
+def build_config(profile: str = "default", config_file: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """Resolve DEFAULTS + profile + YAML file + ``key=value`` overrides into one tree."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; valid profiles: {sorted(PROFILES)}")
+    cfg = merge(DEFAULTS, PROFILES[profile])
+    cfg["profile"] = profile
+    if config_file:
+        cfg = merge(cfg, load_yaml(config_file))
+    return merge(cfg, parse_overrides(overrides or []))
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def config_path(run: str | os.PathLike) -> Path:
+    return Path(run) / "config.yaml"
+
+
+def save_config(run: str | os.PathLike, cfg: dict) -> Path:
+    """Write the resolved tree to ``RUN/config.yaml`` atomically."""
+    return write_text(config_path(run), yaml.safe_dump(cfg, sort_keys=False))
+
+
+def load_run_config(run: str | os.PathLike) -> dict:
+    """Read ``RUN/config.yaml`` (written by the first stage of the run), completed by DEFAULTS."""
+    path = config_path(run)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run stage 01 (or pass --data) first to create the run")
+    return merge(DEFAULTS, load_yaml(path))
+
+
+def setup_run(run: str | os.PathLike, data: str | os.PathLike | None = None, profile: str | None = None,
+              config_file: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The config every stage script starts from.
+
+    A new run (no ``RUN/config.yaml``) is built from the profile (``default`` if not
+    given), the file and the overrides, with ``data`` recorded. An existing run keeps
+    its saved tree; ``data``, a YAML file and overrides given now are applied on top and
+    saved, so the file always says what the run used. Giving a different ``--profile``
+    to an existing run is an error (start a new run directory instead).
+    """
+    run = Path(run)
+    if config_path(run).is_file():
+        cfg = load_run_config(run)
+        if profile and profile != cfg.get("profile"):
+            raise ConfigError(f"{config_path(run)} was made with profile {cfg.get('profile')!r}, not {profile!r}; use a new --run folder")
+        new = cfg
+        if config_file:
+            new = merge(new, load_yaml(config_file))
+        new = merge(new, parse_overrides(overrides or []))
+    else:
+        new = build_config(profile or "default", config_file, overrides)
+    if data is not None:
+        new["data"] = str(Path(data).resolve())
+    if new.get("data") is None:
+        raise ConfigError(f"no data folder: pass --data DIR (run {run} has none recorded)")
+    if not config_path(run).is_file() or new != load_run_config(run):
+        save_config(run, new)
+    return new
+
+
+def add_common_args(parser, data_required: bool = False) -> None:
+    """Arguments every stage script shares: --run, --data, --profile, --config, overrides."""
+    parser.add_argument("--run", required=True, help="run directory: every stage reads and writes inside it")
+    parser.add_argument("--data", required=data_required,
+                        help="data folder in the Kaggle layout (train.csv, train/, test/, optional gt/); "
+                             "recorded in RUN/config.yaml by the first stage")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="settings profile for a new run: quick (tests), default (run_all.sh), full (GPU, real HPA)")
+    parser.add_argument("--config", default=None, help="YAML file overriding settings (same shape as RUN/config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="setting overrides with dotted keys, e.g. image_model.epochs=3 cam.tta_flip=true")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return name
