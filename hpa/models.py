@@ -1,0 +1,215 @@
+"""Backbones by name, 4 input channels, and a global-average-pooling + linear head.
+
+Every model here is a :class:`HPANet`: ``backbone`` maps a float ``(B, 4, H, W)`` batch
+to a feature map ``(B, C, h, w)``; ``head`` is one ``nn.Linear(C, num_classes)`` applied
+after global average pooling. Because pooling and the head are both linear, the logit
+of class k equals the spatial mean of ``head.weight[k] . F(x, y) + head.bias[k]``: the
+class activation map (CAM) of stage 02 is exact and costs one forward pass for all
+classes.
+
+No weights are ever downloaded: ``pretrained`` is a path to a local state dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .constants import NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "densenet121", "convnext_tiny")
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(EFFICIENTNETS) + list(TORCHVISION)
+
+
+class HPANet(nn.Module):
+    """Backbone -> global average pooling -> dropout -> linear head.
+
+    Input: float32 ``(B, in_channels, H, W)``, normalised. Output: logits ``(B, num_classes)``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float, arch: str):
+        super().__init__()
+        self.arch = arch
+        self.backbone = backbone
+        self.num_features = num_features
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map ``(B, C, h, w)`` (C = ``num_features``)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.head(self.dropout(f.mean(dim=(2, 3))))
+
+    def forward_with_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, K)`` and raw class activation maps ``(B, K, h, w)`` in one pass.
+
+        ``cams[b, k] = head.weight[k] . F[b] + head.bias[k]`` so that
+        ``cams.mean((2, 3)) == logits`` exactly (dropout is inactive in eval mode).
+        """
+        f = self.features(x)
+        cams = torch.einsum("bchw,kc->bkhw", f, self.head.weight) + self.head.bias[None, :, None, None]
+        logits = self.head(f.mean(dim=(2, 3)))
+        return logits, cams
+
+
+class _EffNetFeatures(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+def _efficientnet(arch: str, in_channels: int, image_size: int | None, output_stride: int) -> tuple[nn.Module, int]:
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch.utils import get_model_params
+
+    blocks_args, global_params = get_model_params(arch, {"image_size": image_size} if image_size else None)
+    if output_stride == 16:  # the last stride-2 stage keeps its resolution: CAMs twice as fine
+        last = max(i for i, b in enumerate(blocks_args) if b.stride == [2])
+        blocks_args[last] = blocks_args[last]._replace(stride=[1])
+    net = EfficientNet(blocks_args, global_params)
+    net._change_in_channels(in_channels)
+    num_features = net._fc.in_features
+    net._fc = nn.Identity()
+    return _EffNetFeatures(net), num_features
+
+
+def _torchvision(arch: str, in_channels: int, output_stride: int) -> tuple[nn.Module, int]:
+    import torchvision
+
+    if output_stride == 16 and not arch.startswith("resnet"):
+        raise ValueError(f"output_stride=16 is supported for efficientnet-* and resnet*, not {arch}")
+    if arch.startswith("resnet"):
+        net = getattr(torchvision.models, arch)(weights=None)
+        if output_stride == 16:  # stride 1 in layer4, as in DeepLab
+            block = net.layer4[0]
+            conv = block.conv2 if arch == "resnet50" else block.conv1
+            conv.stride = (1, 1)
+            if block.downsample is not None:
+                block.downsample[0].stride = (1, 1)
+    else:
+        net = getattr(torchvision.models, arch)(weights=None)
+    if arch.startswith("resnet"):
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        num_features = net.fc.in_features
+        body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        return body, num_features
+    if arch == "densenet121":
+        old = net.features.conv0
+        net.features.conv0 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
+        return nn.Sequential(net.features, nn.ReLU(inplace=False)), net.classifier.in_features
+    if arch == "convnext_tiny":
+        old = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride)
+        return net.features, net.classifier[-1].in_features
+    raise AssertionError(arch)
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The first convolution of a model (the one that sees the input channels)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m
+    raise ValueError("model has no Conv2d")
+
+
+def adapt_first_conv_weight(weight: torch.Tensor, in_channels: int = 4) -> torch.Tensor:
+    """Turn an ImageNet first-conv weight ``(O, 3, k, k)`` into ``(O, in_channels, k, k)``.
+
+    HPA channel order is red, green, blue, yellow. The RGB filters are kept unchanged
+    for red, green and blue (so a 3-channel ImageNet model sees those channels as it
+    was trained to); yellow (ER, imaged as red + green light) gets the mean of the red
+    and green filters. Extra channels beyond 4 get the mean of all three.
+    """
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected a (O, 3, k, k) first-conv weight, got {tuple(weight.shape)}")
+    if in_channels < 3:
+        raise ValueError(f"in_channels must be >= 3, got {in_channels}")
+    extra = []
+    if in_channels >= 4:
+        extra.append(weight[:, :2].mean(dim=1, keepdim=True))
+    extra += [weight.mean(dim=1, keepdim=True)] * (in_channels - 4)
+    return torch.cat([weight] + extra, dim=1)
+
+
+def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
+    """Load a local ImageNet state dict (3-channel) into ``model``'s backbone.
+
+    Accepts the state dicts of efficientnet-pytorch (keys like ``_conv_stem.weight``)
+    and torchvision (``conv1.weight`` ...), or a dict with a ``state_dict`` entry. The
+    first convolution is adapted from 3 to 4 channels by :func:`adapt_first_conv_weight`;
+    the ImageNet classifier is dropped. Keys that do not fit are reported, not ignored
+    silently: if fewer than 90% of backbone tensors load, it is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} not found (weights are never downloaded; give a local file)")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    target = model.backbone.state_dict()
+    conv_key = next(k for k, v in target.items() if v.ndim == 4)
+    prefix = "net." if model.arch.startswith("efficientnet") else ""
+    mapped = {}
+    for k, v in sd.items():
+        k2 = prefix + k if prefix + k in target else k
+        if model.arch.startswith("resnet"):  # torchvision resnet names -> nn.Sequential indices
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+            head, _, rest = k.partition(".")
+            if head in names:
+                k2 = f"{names.index(head)}.{rest}"
+        elif model.arch == "densenet121" and k.startswith("features."):
+            k2 = "0." + k[len("features."):]
+        elif model.arch == "convnext_tiny" and k.startswith("features."):
+            k2 = k[len("features."):]
+        if k2 in target:
+            if k2 == conv_key and v.shape[1] == 3 and target[k2].shape[1] != 3:
+                v = adapt_first_conv_weight(v, target[k2].shape[1])
+            if v.shape == target[k2].shape:
+                mapped[k2] = v
+    frac = len(mapped) / max(len(target), 1)
+    if frac < 0.9:
+        raise ValueError(f"{path}: only {len(mapped)} of {len(target)} backbone tensors of {model.arch} match; "
+                         "is this a state dict of the same architecture?")
+    missing = model.backbone.load_state_dict(mapped, strict=False).missing_keys
+    log.info("loaded %d/%d backbone tensors from %s (missing: %s)", len(mapped), len(target), path, missing[:5])
+
+
+def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
+                pretrained: str | os.PathLike | None = None, image_size: int | None = None,
+                output_stride: int = 32) -> HPANet:
+    """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
+
+    ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
+    full resolution, so the feature map (and the CAM) of a 256-px input is 16x16, not 8x8.
+    The parameters are the same either way, so pretrained weights load into both.
+    """
+    if output_stride not in (16, 32):
+        raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+    if arch in EFFICIENTNETS:
+        backbone, nf = _efficientnet(arch, in_channels, image_size, output_stride)
+    elif arch in TORCHVISION:
+        backbone, nf = _torchvision(arch, in_channels, output_stride)
+    else:
+        raise ValueError(f"unknown model {arch!r}; available models: {', '.join(available_models())}")
+    model = HPANet(backbone, nf, num_classes, dropout, arch)
+    if pretrained:
+        load_pretrained_backbone(model, pretrained)
+    return model
