@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "pseudo": {
         "score": "topk_mean",  # mean | topk_mean: aggregate of the normalised CAM inside a cell
         "topk_frac": 0.25,  # top-k mean over this fraction of the cell's pixels
+        "work_size": 512,  # CAM scores are computed on cell masks reduced to this longest side
         "times_image_prob": True,  # multiply cell CAM scores by the image-level probability
         "pos_quantile": 0.5,  # per-class positive threshold: this quantile of best-class scores of labelled cells
         "pos_min": 0.3,  # ... but never below this

@@ -1,0 +1,134 @@
+"""Cell pseudo-labels from class activation maps (and, in cycle 2, a cell model).
+
+Evidence. For cell i of an image with labels L (classes 0..17), the evidence for class
+c in L is ``E_ic = score_ic x p_c`` where ``score_ic`` is the cell's CAM score (mean or
+top-k mean of the normalised CAM inside the mask, in [0, 1]) and ``p_c`` the image-level
+probability (when ``times_image_prob``). Classes outside L have no evidence: a cell can
+only take a class its image was labelled with. In cycle 2 the cycle-1 cell model's
+probabilities join in: ``E_ic = (1 - w) x E_ic + w x P_ic``.
+
+Rule (per cell, best class b = argmax_c E_ic):
+
+- positive: ``E_ib >= t_b`` with ``t_b = max(pos_min, quantile_q of E_ib over cells whose
+  best class is b)``: per-class thresholds from the score distribution, so rare or dim
+  classes are not starved by a global cut;
+- Negative (18): the cell shows nothing: cycle 1: ``E_ib < neg_threshold``; cycle 2:
+  ``(1 - w) x [E_ib(CAM) < neg_threshold] + w x P_i,18 >= 0.5`` and not positive;
+- otherwise left out of training (ambiguous).
+
+Images labelled Negative (18) only: every cell is Negative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS
+from .constants import NEGATIVE, NUM_CLASSES
+
+SCORES = {"mean": CAM_MEAN_COLS, "topk_mean": CAM_TOPK_COLS}
+
+
+def cam_evidence(table: pd.DataFrame, image_labels: np.ndarray, score: str = "topk_mean",
+                 times_image_prob: bool = True) -> np.ndarray:
+    """Evidence ``E`` float32 (N, 19) in [0, 1] for the cells of ``table``.
+
+    ``image_labels``: multi-hot (N, 19) labels of each cell's image. Entries of classes the
+    image does not have, of Negative, and missing CAMs are 0.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown cell score {score!r}; valid: {sorted(SCORES)}")
+    image_labels = np.asarray(image_labels, bool)
+    if image_labels.shape != (len(table), NUM_CLASSES):
+        raise ValueError(f"image_labels must be ({len(table)}, {NUM_CLASSES}), got {image_labels.shape}")
+    e = np.nan_to_num(table[SCORES[score]].to_numpy(np.float32), nan=0.0)
+    if times_image_prob:
+        e = e * table[IMG_COLS].to_numpy(np.float32)
+    allowed = image_labels.copy()
+    allowed[:, NEGATIVE] = False
+    return np.where(allowed, np.clip(e, 0, 1), 0.0).astype(np.float32)
+
+
+def class_thresholds(evidence: np.ndarray, pos_quantile: float, pos_min: float) -> np.ndarray:
+    """Per-class positive thresholds (19,) from the best-class evidence distribution."""
+    best = evidence.argmax(1)
+    best_val = evidence.max(1)
+    thr = np.full(NUM_CLASSES, pos_min, np.float32)
+    for c in range(NUM_CLASSES):
+        vals = best_val[(best == c) & (best_val > 0)]
+        if vals.size:
+            thr[c] = max(pos_min, float(np.quantile(vals, pos_quantile)))
+    return thr
+
+
+def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile: float = 0.5,
+                  pos_min: float = 0.3, neg_threshold: float = 0.1, cell_probs: np.ndarray | None = None,
+                  cycle2_weight: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pseudo-labels of cells.
+
+    Args:
+        evidence: float (N, 19) CAM evidence from :func:`cam_evidence`.
+        negative_image: bool (N,), the cell's image is labelled Negative only.
+        cell_probs: cycle 2 only: float (N, 19) softmax of the cycle-1 cell model.
+    Returns:
+        ``(label, confidence, thresholds)``: int64 (N,) in 0..18 or -1 (left out), float32 (N,)
+        the evidence behind the label, float32 (19,) the per-class positive thresholds used.
+    """
+    n = len(evidence)
+    cam_best = evidence.max(1) if n else np.zeros(0, np.float32)
+    ev = evidence
+    neg_vote = (cam_best < neg_threshold).astype(np.float32)
+    if cell_probs is not None:
+        w = float(cycle2_weight)
+        mask = evidence > 0
+        ev = np.where(mask, (1 - w) * evidence + w * cell_probs, 0.0).astype(np.float32)
+        neg_vote = (1 - w) * neg_vote + w * cell_probs[:, NEGATIVE]
+    thr = class_thresholds(ev, pos_quantile, pos_min)
+    best = ev.argmax(1) if n else np.zeros(0, np.int64)
+    best_val = ev.max(1) if n else np.zeros(0, np.float32)
+    label = np.full(n, -1, np.int64)
+    conf = np.zeros(n, np.float32)
+    pos = best_val >= thr[best]
+    label[pos] = best[pos]
+    conf[pos] = best_val[pos]
+    neg = ~pos & (neg_vote >= 0.5)
+    label[neg] = NEGATIVE
+    conf[neg] = neg_vote[neg]
+    negative_image = np.asarray(negative_image, bool)
+    label[negative_image] = NEGATIVE
+    conf[negative_image] = 1.0
+    return label, conf, thr
+
+
+def coverage(labels: np.ndarray) -> dict:
+    """Share of cells labelled, and the count per class."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=NUM_CLASSES)
+    return {"n_cells": int(labels.size), "labelled": float((labels >= 0).mean()) if labels.size else 0.0,
+            "per_class": counts.tolist()}
+
+
+def diagnostics(labels: np.ndarray, true_sets: list[list[int] | None]) -> dict:
+    """Pseudo-label precision and recall per class against true cell labels (diagnostic only).
+
+    ``true_sets[i]``: the true classes of cell i (matched to a true cell), or None when the
+    cell has no true partner. Precision of class c: share of cells labelled c whose true set
+    holds c; recall: share of matched cells whose true set holds c that were labelled c.
+    """
+    labels = np.asarray(labels)
+    prec, rec, n_lab, n_true = [], [], [], []
+    for c in range(NUM_CLASSES):
+        has_c = np.array([t is not None and c in t for t in true_sets], bool)
+        lab_c = labels == c
+        matched_lab = lab_c & np.array([t is not None for t in true_sets], bool)
+        prec.append(float(has_c[matched_lab].mean()) if matched_lab.any() else float("nan"))
+        rec.append(float(lab_c[has_c].mean()) if has_c.any() else float("nan"))
+        n_lab.append(int(lab_c.sum()))
+        n_true.append(int(has_c.sum()))
+    matched = np.array([t is not None for t in true_sets], bool)
+    correct = np.array([t is not None and l >= 0 and l in t for l, t in zip(labels, true_sets)], bool)
+    lab = (labels >= 0) & matched
+    return {"precision": prec, "recall": rec, "n_labelled": n_lab, "n_true": n_true,
+            "overall_precision": float(correct[lab].mean()) if lab.any() else float("nan"),
+            "matched_cells": int(matched.sum())}

@@ -1,0 +1,111 @@
+"""Cell table scores and pseudo-label rules on hand-made cells and CAMs."""
+
+import numpy as np
+import pytest
+
+from hpa.cells import cell_cam_scores, cell_geometry, image_cell_rows
+from hpa.constants import NEGATIVE, NUM_CLASSES
+from hpa.pseudo import assign_labels, cam_evidence, class_thresholds, diagnostics
+
+
+def two_squares():
+    mask = np.zeros((40, 40), np.int32)
+    mask[5:15, 5:15] = 1
+    mask[25:35, 25:35] = 2
+    return mask
+
+
+def test_geometry_bbox_area_border():
+    mask = two_squares()
+    mask[0:3, 30:40] = 3  # touches the top and right border
+    geo = cell_geometry(mask).set_index("cell_id")
+    assert geo.loc[1, ["x0", "y0", "x1", "y1", "area"]].tolist() == [5, 5, 15, 15, 100]
+    assert geo.loc[3, "area"] == 30 and bool(geo.loc[3, "touches_border"]) and not geo.loc[1, "touches_border"]
+    assert geo.loc[2, "rel_area"] == pytest.approx(1.0)
+
+
+def test_cam_scores_mean_and_topk():
+    mask = two_squares()
+    cam = np.zeros((1, 40, 40), np.float32)
+    cam[0, 5:15, 5:15] = 1.0
+    cam[0, 25:35, 25:30] = 0.4  # half of cell 2 at 0.4
+    mean, topk = cell_cam_scores(mask, cam, topk_frac=0.5, work_size=512)
+    assert mean[:, 0] == pytest.approx([1.0, 0.2])
+    assert topk[:, 0] == pytest.approx([1.0, 0.4])
+
+
+def test_cam_scores_from_feature_grid_match_upsampled():
+    # a 4x4 CAM grid over a 40x40 field: cell 1 lies in grid cell (0,0), cell 2 in (3,3)
+    mask = two_squares()
+    grid = np.zeros((1, 4, 4), np.float32)
+    grid[0, 0, 0] = 1.0
+    mean, _ = cell_cam_scores(mask, grid, 0.25, 512)
+    # bilinear upsampling ramps from 1 at the grid cell's centre (x=5) to 0 at the next
+    # centre (x=15) in each axis: the mean over the square 5..15 is about 0.5 * 0.5
+    assert mean[0, 0] == pytest.approx(0.25, abs=0.03) and mean[1, 0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_two_cells_give_class_and_negative():
+    mask = two_squares()
+    cam = np.zeros((1, 40, 40), np.float32)
+    cam[0, 5:15, 5:15] = 1.0
+    probs = np.zeros(NUM_CLASSES, np.float32)
+    probs[3] = 0.9
+    rows = image_cell_rows("img", mask, probs, cam, [3], topk_frac=0.25, work_size=512)
+    labels = np.zeros((2, NUM_CLASSES), np.uint8)
+    labels[:, 3] = 1
+    ev = cam_evidence(rows, labels, "topk_mean", times_image_prob=True)
+    assert ev[:, 3] == pytest.approx([0.9, 0.0])
+    assert ev[:, [c for c in range(NUM_CLASSES) if c != 3]].max() == 0
+    label, conf, thr = assign_labels(ev, np.zeros(2, bool), pos_quantile=0.5, pos_min=0.3, neg_threshold=0.1)
+    assert label.tolist() == [3, NEGATIVE]
+    assert conf[0] == pytest.approx(0.9)
+
+
+def test_evidence_restricted_to_image_labels():
+    mask = two_squares()
+    cams = np.ones((2, 40, 40), np.float32)
+    probs = np.full(NUM_CLASSES, 0.8, np.float32)
+    rows = image_cell_rows("img", mask, probs, cams, [3, 7], 0.25, 512)
+    labels = np.zeros((2, NUM_CLASSES), np.uint8)
+    labels[:, 7] = 1  # only class 7 is the image's label
+    ev = cam_evidence(rows, labels)
+    assert ev[:, 3].max() == 0 and ev[:, 7] == pytest.approx([0.8, 0.8])
+
+
+def test_ambiguous_cells_left_out_and_negative_images():
+    ev = np.zeros((4, NUM_CLASSES), np.float32)
+    ev[:, 0] = [0.9, 0.2, 0.05, 0.9]
+    label, _, thr = assign_labels(ev, np.array([False, False, False, True]), pos_quantile=0.0, pos_min=0.3,
+                                  neg_threshold=0.1)
+    assert label.tolist() == [0, -1, NEGATIVE, NEGATIVE]
+
+
+def test_thresholds_follow_distribution_per_class():
+    ev = np.zeros((6, NUM_CLASSES), np.float32)
+    ev[:3, 0] = [0.4, 0.6, 0.8]
+    ev[3:, 5] = [0.9, 0.95, 1.0]
+    thr = class_thresholds(ev, pos_quantile=0.5, pos_min=0.3)
+    assert thr[0] == pytest.approx(0.6) and thr[5] == pytest.approx(0.95) and thr[1] == pytest.approx(0.3)
+
+
+def test_cycle2_cell_model_adds_negatives_and_positives():
+    ev = np.zeros((3, NUM_CLASSES), np.float32)
+    ev[:, 2] = [0.25, 0.2, 0.9]  # cells 0 and 1 ambiguous in cycle 1
+    l1, _, _ = assign_labels(ev, np.zeros(3, bool), 0.0, 0.3, 0.1)
+    assert l1.tolist() == [-1, -1, 2]
+    probs = np.zeros((3, NUM_CLASSES), np.float32)
+    probs[0, 2] = 1.0  # the cell model is sure cell 0 shows class 2
+    probs[1, NEGATIVE] = 1.0  # ... and that cell 1 shows nothing
+    probs[2, 2] = 1.0
+    l2, _, _ = assign_labels(ev, np.zeros(3, bool), 0.0, 0.3, 0.1, cell_probs=probs, cycle2_weight=0.5)
+    assert l2.tolist() == [2, NEGATIVE, 2]
+
+
+def test_diagnostics_precision_recall():
+    labels = np.array([0, 0, NEGATIVE, -1])
+    truth = [[0], [5], [NEGATIVE], [0]]
+    d = diagnostics(labels, truth)
+    assert d["precision"][0] == pytest.approx(0.5)
+    assert d["recall"][0] == pytest.approx(0.5)
+    assert d["overall_precision"] == pytest.approx(2 / 3)
