@@ -1,0 +1,145 @@
+"""Stage 07: the evaluation report (``RUN/report.json``, ``RUN/report.md``, ``RUN/report_ap.png``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import gt as gtmod
+from .constants import CLASS_NAMES, NUM_CLASSES
+from .evaluate import METHODS, final_method, method_confidences, score_methods, segmentation_quality
+from .fsutil import atomic_path, write_json, write_text
+from .labelling import cell_table
+from .timing import read_timings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTIONS = {
+    "broadcast": "image probabilities given to every cell",
+    "cam": "cell CAM score x image probability",
+    "cycle1": "cycle-1 cell model x image probability",
+    "cycle2": "cycle-2 cell model x image probability",
+    "oracle": "same cell model trained on true cell labels (upper bound)",
+}
+
+
+def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
+    """Score every method and gather diagnostics and timings into one dict (also written to disk)."""
+    run, data_dir = Path(run), Path(cfg["data"])
+    report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.get("profile"), "mode": mode}
+    for k in (1, 2):
+        p = run / f"cycle{k}" / "pseudo_report.json"
+        if p.is_file():
+            report[f"pseudo_cycle{k}"] = json.loads(p.read_text())
+    report["timings_s"] = read_timings(run)
+    if not gtmod.has_gt(data_dir):
+        log.warning("%s has no gt/: nothing to score; the report lists timings and pseudo-label coverage only", data_dir)
+        report["scored"] = False
+        return report
+    sc = cfg["pseudo"]
+    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"])
+    ids = list(dict.fromkeys(table["ID"]))
+    report["segmentation"] = segmentation_quality(run, data_dir, ids)
+    p = cfg["predict"]
+    confs = {}
+    for m in METHODS:
+        c = method_confidences(run, table, m, p, sc["score"])
+        if c is None:
+            log.warning("no %s predictions in %s: row left out of the report", m, run)
+        else:
+            confs[m] = c
+    report["methods"] = score_methods(run, data_dir, table, confs, mode)
+    try:
+        fm = final_method(run, p)
+    except FileNotFoundError:
+        fm = None
+    if fm:  # ablations of the combination rule on the submitted cell model
+        variants = {f"{fm} {c} / negative={n} / penalty={pen}": method_confidences(run, table, fm, p, sc["score"], c, n, pen)
+                    for c in ("product", "mean", "cell") for n in ("max", "min_complement") for pen in (True, False)}
+        report["ablations"] = {k: v["mAP"] for k, v in score_methods(run, data_dir, table, variants, mode).items()}
+        report["submitted"] = fm
+    report["scored"] = True
+    return report
+
+
+def write_report(run: str | Path, report: dict) -> None:
+    run = Path(run)
+    write_json(run / "report.json", report)
+    write_text(run / "report.md", render_markdown(report))
+    if report.get("methods"):
+        plot_ap(run / "report_ap.png", report["methods"])
+
+
+def render_markdown(r: dict) -> str:
+    lines = [f"# Report for {r['run']}", "", f"Data: `{r['data']}`, profile `{r.get('profile')}`, scoring mode `{r['mode']}`.", ""]
+    if r.get("methods"):
+        lines += ["## Cell-level mAP (test split, IoU >= 0.6)", "", "| method | what | mAP |", "|---|---|---|"]
+        for m, v in r["methods"].items():
+            lines.append(f"| {m} | {DESCRIPTIONS.get(m, '')} | {v['mAP']:.4f} |")
+        if "oracle" in r["methods"] and r.get("submitted") in r["methods"]:
+            ratio = r["methods"][r["submitted"]]["mAP"] / max(r["methods"]["oracle"]["mAP"], 1e-9)
+            lines += ["", f"Submitted model `{r['submitted']}` reaches {ratio:.2f} of the oracle."]
+        lines += ["", "### AP per class", "", "| class | " + " | ".join(r["methods"]) + " |",
+                  "|---|" + "---|" * len(r["methods"])]
+        for c in range(NUM_CLASSES):
+            vals = [r["methods"][m]["ap_per_class"][c] for m in r["methods"]]
+            if all(v is None for v in vals):
+                continue
+            lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    if r.get("ablations"):
+        lines += ["", "## Combination rule (submitted cell model)", "", "| variant | mAP |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(r["ablations"].items(), key=lambda kv: -kv[1])]
+    if r.get("segmentation"):
+        s = r["segmentation"]
+        lines += ["", "## Segmentation (test split)", "",
+                  f"{s['matched']} of {s['true_cells']} true cells matched at IoU >= 0.6 (recall {s['recall']:.3f}); "
+                  f"{s['predicted_cells']} predicted cells, {100 * s['unmatched_predicted']:.1f}% unmatched."]
+    for k in (1, 2):
+        pr = r.get(f"pseudo_cycle{k}")
+        if not pr:
+            continue
+        cov = pr["coverage"]
+        line = f"- cycle {k}: {100 * cov['labelled']:.1f}% of {cov['n_cells']} train cells labelled"
+        if "vs_ground_truth" in pr:
+            line += f", precision {pr['vs_ground_truth']['overall_precision']:.3f} against true cell labels"
+        lines += (["", "## Pseudo-labels", ""] if k == 1 or "pseudo_cycle1" not in r else []) + [line]
+    if r.get("timings_s"):
+        lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
+        lines.append(f"| total | {sum(r['timings_s'].values()):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ap(path: Path, methods: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    width = 0.8 / len(names)
+    x = np.arange(NUM_CLASSES)
+    for j, m in enumerate(names):
+        ap = [np.nan if v is None else v for v in methods[m]["ap_per_class"]]
+        ax.bar(x + j * width - 0.4 + width / 2, ap, width, label=f"{m} ({methods[m]['mAP']:.3f})")
+    ax.set_xticks(x, [f"{c} {CLASS_NAMES[c][:14]}" for c in range(NUM_CLASSES)], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("AP (IoU >= 0.6)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=len(names))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(report: dict) -> str:
+    """The few lines run_all.sh prints at the end."""
+    if not report.get("methods"):
+        return "no ground truth: nothing scored (see report.md for coverage and timings)"
+    rows = [f"{m:<10} mAP={v['mAP']:.4f}  {DESCRIPTIONS.get(m, '')}" for m, v in report["methods"].items()]
+    return "\n".join(rows)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job: synthetic data (unless --data), then every stage in order; a re-run resumes.
+#   bash run_all.sh [--data DIR] [--run DIR] [--profile quick|default|full]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA="" RUN="" PROFILE="default"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --data) DATA="$2"; shift 2 ;;
+        --run) RUN="$2"; shift 2 ;;
+        --profile) PROFILE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
+        *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+RUN="${RUN:-runs/$PROFILE}"
+
+source tools/ensure_venv.sh
+export PYTHONUNBUFFERED=1
+
+if [ -z "$DATA" ]; then
+    DATA="data/synth-$PROFILE"
+    "$PY" -m hpa.synth "$DATA" --profile "$PROFILE" --seed 0
+fi
+
+"$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE"
+"$PY" stages/03_segment.py --run "$RUN" --split train
+"$PY" stages/03_segment.py --run "$RUN" --split test
+"$PY" stages/02_cam.py --run "$RUN" --split train
+"$PY" stages/02_cam.py --run "$RUN" --split test
+"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 1
+"$PY" stages/05_train_cell.py --run "$RUN" --cycle 1
+"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 2
+"$PY" stages/05_train_cell.py --run "$RUN" --cycle 2
+"$PY" stages/05_train_cell.py --run "$RUN" --oracle
+"$PY" stages/06_predict.py --run "$RUN" --split test
+"$PY" stages/07_evaluate.py --run "$RUN"

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Stage 07: score every method on the test split and write the report.
+
+With DATA/gt/: cell-level mAP (IoU >= 0.6, competition rules) of broadcast, CAM, cycle 1,
+cycle 2 and oracle, per-class AP, combination-rule ablations, segmentation match rate,
+pseudo-label diagnostics and stage timings. Without gt/ (real HPA data): coverage and
+timings only. Writes RUN/report.json, RUN/report.md, RUN/report_ap.png.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpa.config import add_common_args, setup_run  # noqa: E402
+from hpa.log import setup_logging  # noqa: E402
+from hpa.report import build_report, summary_table, write_report  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--mode", choices=("oid", "strict"), default="oid",
+                    help="oid: as the competition (predictions of classes absent from the image are ignored); "
+                         "strict: they count as false positives")
+    args = ap.parse_args(argv)
+    setup_logging()
+    cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
+    report = build_report(args.run, cfg, args.mode)
+    write_report(args.run, report)
+    print(summary_table(report))
+    print(f"report: {Path(args.run) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
