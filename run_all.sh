@@ -19,9 +19,15 @@ RUN="${RUN:-runs/$PROFILE}"
 source tools/ensure_venv.sh
 export PYTHONUNBUFFERED=1
 
-if [ -z "$DATA" ]; then
+if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
+    case "$PROFILE" in
+        quick) SYNTH=(--n-train 24 --n-test 8 --size 128) ;;
+        default) SYNTH=(--n-train 400 --n-test 100 --size 256) ;;
+        full) SYNTH=(--n-train 2000 --n-test 400 --size 512) ;;
+        *) echo "run_all.sh: unknown profile $PROFILE (quick, default, full)" >&2; exit 2 ;;
+    esac
     DATA="data/synth-$PROFILE"
-    "$PY" -m hpa.synth "$DATA" --profile "$PROFILE" --seed 0
+    "$PY" -m hpa.synth "$DATA" "${SYNTH[@]}" --seed 0
 fi
 
 "$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE"

@@ -1,0 +1,44 @@
+"""The whole chain on the quick profile: every stage's outputs exist and the report has all rows."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_profile_end_to_end(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    env = dict(os.environ, HPA_VENV=str(Path(sys.executable).resolve().parents[1]))
+    subprocess.run([sys.executable, "-m", "hpa.synth", str(data), "--n-train", "24", "--n-test", "8", "--size", "128",
+                    "--seed", "0"], cwd=ROOT, check=True, env=env)
+    proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in ["config.yaml", "splits.csv", "image_model/model.pt", "image_model/metrics.csv",
+                "cams/overlays/index.html", "masks/test/cells.csv", "cells/train.parquet", "cells/test.parquet",
+                "cycle1/pseudo_labels.parquet", "cycle2/pseudo_labels.parquet", "cycle1/cell_model/model.pt",
+                "cycle2/cell_model/model.pt", "oracle/cell_probs_test.parquet", "submission.csv",
+                "report.json", "report.md", "report_ap.png"]:
+        assert (run / rel).exists(), rel
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["methods"]) == ["broadcast", "cam", "cycle1", "cycle2", "oracle"]
+    assert all(0.0 <= v["mAP"] <= 1.0 for v in report["methods"].values())
+    sub = pd.read_csv(run / "submission.csv")
+    assert len(sub) == 8
+    # the submission scores through the stand-alone scorer like the report's submitted model
+    out = subprocess.run([sys.executable, "-m", "hpa.score", str(run / "submission.csv"), str(data)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert out.startswith("mAP=")
+    assert float(out[4:]) == pytest.approx(report["methods"][report["submitted"]]["mAP"], abs=1e-4)
+    # a re-run resumes: nothing is retrained and the report is the same
+    proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "report.json").read_text())["methods"] == report["methods"]
