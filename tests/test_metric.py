@@ -1,0 +1,326 @@
+"""Cell-level mAP (hpa.metric) and the scoring CLI (hpa.score), with hand-computed answers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpa import metric
+from hpa.io import write_mask
+from hpa.metric import cell_map, submission_map
+from hpa.score import main as score_main
+from hpa.submission import read_submission, write_submission
+
+NAN = np.nan
+
+
+def conf_matrix(rows):
+    """{row: {class: conf}} -> (K, 19) float64 with NaN elsewhere."""
+    k = max(rows) + 1
+    c = np.full((k, 19), NAN)
+    for r, d in rows.items():
+        for cls, v in d.items():
+            c[r, cls] = v
+    return c
+
+
+def both_paths(tmp_path, gt, pred, **kw):
+    """Score through the fast path and through write -> read -> submission_map; return both."""
+    fast = cell_map(gt, pred, **kw)
+    path = write_submission(tmp_path / f"sub_{len(list(tmp_path.iterdir()))}.csv", pred)
+    slow = submission_map(gt, read_submission(path), **kw)
+    return fast, slow
+
+
+def assert_same(a, b):
+    assert a.map == b.map or (np.isnan(a.map) and np.isnan(b.map))
+    np.testing.assert_array_equal(a.ap_per_class, b.ap_per_class)
+    np.testing.assert_array_equal(a.n_gt_per_class, b.n_gt_per_class)
+    np.testing.assert_array_equal(a.n_pred_per_class, b.n_pred_per_class)
+    np.testing.assert_array_equal(a.n_tp_per_class, b.n_tp_per_class)
+
+
+def three_cells():
+    g = np.zeros((10, 10), np.int32)
+    g[0:4, 0:4] = 1
+    g[0:4, 5:9] = 2
+    g[5:9, 0:4] = 3
+    return g
+
+
+@pytest.mark.parametrize("mode", ["oid", "strict"])
+def test_ground_truth_as_prediction_scores_one(tmp_path, mode):
+    g1 = three_cells()
+    g2 = np.zeros((7, 12), np.int32)  # non-square
+    g2[1:6, 1:5] = 2
+    g2[1:6, 6:11] = 5
+    gt = {"A": (g1, {1: [0], 2: [0, 1], 3: [18]}), "B": (g2, {2: [1, 7], 5: [11]})}
+    pred = {}
+    for k, (m, labels) in gt.items():
+        ids = sorted(labels)
+        c = np.full((len(ids), 19), NAN)
+        for r, i in enumerate(ids):
+            c[r, labels[i]] = 1.0
+        pred[k] = (m, ids, c)
+    fast, slow = both_paths(tmp_path, gt, pred, mode=mode)
+    assert fast.map == 1.0 and slow.map == 1.0
+    assert fast.n_gt_per_class.tolist()[:2] == [2, 2] and fast.n_gt_per_class[18] == 1
+    assert np.isnan(fast.ap_per_class[2])  # no ground truth of class 2
+    assert_same(fast, slow)
+
+
+def test_hand_computed_two_classes(tmp_path):
+    g = three_cells()  # true: cell 1 -> {0}, cell 2 -> {0, 1}, cell 3 -> {1}
+    p = g.copy()
+    p[5:9, 5:9] = 4  # predicted cell 4 covers background: matches nothing
+    gt = {"A": (g, {1: [0], 2: [0, 1], 3: [1]})}
+    conf = conf_matrix({0: {0: 0.9, 1: 0.5, 5: 0.4}, 1: {0: 0.3, 1: 0.7}, 2: {0: 0.6, 1: 0.2}, 3: {0: 0.8}})
+    # class 0 (2 true): c1 .9 TP, c4 .8 FP, c3 .6 FP, c2 .3 TP -> precision 1, 1/2, 1/3, 1/2
+    #   monotone from the right: 1, 1/2, 1/2, 1/2 -> AP = (1 + 1/2) / 2 = 0.75
+    # class 1 (2 true): c2 .7 TP, c1 .5 FP, c3 .2 TP -> precision 1, 1/2, 2/3 -> monotone 1, 2/3, 2/3
+    #   AP = (1 + 2/3) / 2 = 5/6
+    # class 5: no true cell anywhere -> NaN (oid: the prediction is ignored, the image has no class 5)
+    # mAP = (3/4 + 5/6) / 2 = 19/24
+    fast, slow = both_paths(tmp_path, gt, {"A": (p, [1, 2, 3, 4], conf)})
+    assert fast.ap_per_class[0] == pytest.approx(0.75, abs=1e-15)
+    assert fast.ap_per_class[1] == pytest.approx(5 / 6, abs=1e-15)
+    assert fast.map == pytest.approx(19 / 24, abs=1e-15)
+    assert fast.n_pred_per_class[:2].tolist() == [4, 3] and fast.n_tp_per_class[:2].tolist() == [2, 2]
+    assert fast.n_ignored == 1 and fast.n_pred_per_class[5] == 0
+    assert_same(fast, slow)
+    strict = cell_map(gt, {"A": (p, [1, 2, 3, 4], conf)}, mode="strict")
+    assert strict.map == fast.map and strict.n_pred_per_class[5] == 1  # counted, but class 5 has no GT
+
+
+def test_iou_just_under_and_over_threshold(tmp_path):
+    g = np.zeros((12, 30), np.int32)
+    g[0:10, 0:10] = 1  # 100 pixels
+    gt = {"A": (g, {1: [3]})}
+    conf = conf_matrix({0: {3: 0.5}})
+    results = {}
+    for name, extra in [("over", 66), ("under", 67)]:  # IoU 100/166 = 0.6024, 100/167 = 0.5988
+        p = (g > 0).astype(np.int32)
+        flat = p.reshape(-1)
+        free = np.flatnonzero(flat == 0)[:extra]
+        flat[free] = 1
+        results[name] = both_paths(tmp_path, gt, {"A": (p, [1], conf)})
+    p = np.zeros_like(g)
+    p[0:6, 0:10] = 1  # 60 of the 100 pixels: IoU exactly 0.6 -> a match (>=)
+    results["exact"] = both_paths(tmp_path, gt, {"A": (p, [1], conf)})
+    for name, expected in [("over", 1.0), ("exact", 1.0), ("under", 0.0)]:
+        fast, slow = results[name]
+        assert fast.map == expected, name
+        assert_same(fast, slow)
+
+
+def test_swapping_true_and_false_positive_confidence_lowers_ap():
+    g = three_cells()
+    p = g.copy()
+    p[5:9, 5:9] = 4
+    gt = {"A": (g, {1: [0], 2: [0], 3: [1]})}
+    good = conf_matrix({0: {0: 0.9}, 1: {0: 0.3}, 3: {0: 0.5}})
+    # TP .9, FP .5, TP .3 -> precision 1, 1/2, 2/3 -> AP(0) = (1 + 2/3) / 2 = 5/6
+    swapped = conf_matrix({0: {0: 0.5}, 1: {0: 0.3}, 3: {0: 0.9}})
+    # FP .9, TP .5, TP .3 -> precision 0, 1/2, 2/3 -> monotone 2/3, 2/3, 2/3 -> AP(0) = 2/3
+    a = cell_map(gt, {"A": (p, [1, 2, 3, 4], good)})
+    b = cell_map(gt, {"A": (p, [1, 2, 3, 4], swapped)})
+    assert a.ap_per_class[0] == pytest.approx(5 / 6, abs=1e-15)
+    assert b.ap_per_class[0] == pytest.approx(2 / 3, abs=1e-15)
+    assert b.map < a.map  # class 1 has one true cell and no prediction: AP 0 in both
+
+
+def test_oid_ignores_classes_absent_from_image_strict_counts_them(tmp_path):
+    g = np.zeros((6, 6), np.int32)
+    g[1:5, 1:5] = 1
+    gt = {"A": (g, {1: [0]}), "B": (g, {1: [2]})}
+    pred = {
+        "A": (g, [1], conf_matrix({0: {0: 0.9, 2: 0.95}})),  # class 2 in A: A's true cells have no class 2
+        "B": (g, [1], conf_matrix({0: {2: 0.5}})),
+    }
+    oid, oid_sub = both_paths(tmp_path, gt, pred, mode="oid")
+    # oid: A's class-2 prediction is ignored -> class 0 AP 1, class 2 AP 1
+    assert oid.map == 1.0 and oid.n_ignored == 1
+    strict, strict_sub = both_paths(tmp_path, gt, pred, mode="strict")
+    # strict: class 2 = A .95 FP, B .5 TP -> precision 0, 1/2 -> monotone 1/2, 1/2 -> AP 1/2; mAP = (1 + 1/2) / 2
+    assert strict.ap_per_class[2] == 0.5 and strict.map == 0.75 and strict.n_ignored == 0
+    assert_same(oid, oid_sub)
+    assert_same(strict, strict_sub)
+
+
+def test_duplicates_of_a_matched_cell_are_false_positives(tmp_path):
+    g = three_cells()
+    gt = {"A": (g, {1: [0], 2: [0], 3: [5]})}
+    # cell 1 predicted twice for class 0: .9 TP, .8 duplicate FP, then cell 2 .7 TP
+    # precision 1, 1/2, 2/3 -> monotone 1, 2/3, 2/3 -> AP(0) = (1 + 2/3) / 2 = 5/6 (1.0 without the duplicate)
+    conf = conf_matrix({0: {0: 0.9}, 1: {0: 0.8}, 2: {0: 0.7}, 3: {5: 0.1}})
+    fast, slow = both_paths(tmp_path, gt, {"A": (g, [1, 1, 2, 3], conf)})
+    assert fast.ap_per_class[0] == pytest.approx(5 / 6, abs=1e-15)
+    assert fast.n_pred_per_class[0] == 3 and fast.n_tp_per_class[0] == 2
+    assert_same(fast, slow)
+    sub = read_submission(write_submission(tmp_path / "dup.csv", {"A": (g, [1, 1, 2, 3], conf)}))
+    assert sub["A"].n_masks == 3  # the duplicated cell is decoded once
+
+
+def random_case(seed, n_images=4):
+    """Random true cells with 1-2 labels, predictions = shifted/merged cells plus a stray one."""
+    rng = np.random.default_rng(seed)
+    gt, pred = {}, {}
+    for i in range(n_images):
+        h, w = int(rng.integers(14, 26)), int(rng.integers(14, 26))
+        g = np.zeros((h, w), np.int32)
+        cid = 0
+        for y in range(0, h - 5, 7):
+            for x in range(0, w - 5, 7):
+                if rng.random() < 0.85:
+                    cid += 1
+                    g[y : y + int(rng.integers(4, 7)), x : x + int(rng.integers(4, 7))] = cid
+        labels = {c: sorted({int(v) for v in rng.integers(0, 6, int(rng.integers(1, 3)))}) for c in range(1, cid + 1)}
+        p = np.roll(g, [(0, 0), (0, 1), (1, 0), (1, 1)][i % 4], axis=(0, 1))  # IoU from 1 down to below 0.6
+        p[p == 2] = 1  # merge two cells
+        p[h - 3 :, w - 3 :] = 50  # stray cell
+        ids = [int(v) for v in np.unique(p) if v] + [77]  # 77: predicted id absent from the mask
+        c = rng.random((len(ids), 19)).astype(np.float32)
+        c[rng.random(c.shape) < 0.5] = np.nan
+        c[rng.random(c.shape) < 0.1] = -1
+        c[:, 6:] = np.nan
+        c[rng.random(c.shape) < 0.2] = 0.5  # ties
+        gt[f"img{i}"] = (g, labels)
+        pred[f"img{i}"] = (p, ids, c)
+    gt["unpredicted"] = (np.ones((5, 5), np.int32), {1: [0, 1]})  # true cells no one predicted
+    return gt, pred
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["oid", "strict"])
+def test_submission_round_trip_equals_fast_path(tmp_path, seed, mode):
+    gt, pred = random_case(seed)
+    fast, slow = both_paths(tmp_path, gt, pred, mode=mode)
+    assert 0 < fast.map < 1
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5, 6])
+def test_vectorised_core_equals_greedy_loop(seed, monkeypatch):
+    gt, pred = random_case(seed, n_images=5)
+    for mode in ("oid", "strict"):
+        vec = cell_map(gt, pred, mode=mode)
+        real_score = metric._score
+        monkeypatch.setattr(metric, "_score", lambda *a, **k: real_score(*a, **k, sequential=True))
+        loop = cell_map(gt, pred, mode=mode)
+        monkeypatch.setattr(metric, "_score", real_score)
+        assert_same(vec, loop)
+        assert vec.n_tp_per_class.sum() > 0
+
+
+def test_low_threshold_uses_best_unmatched_cell():
+    # one predicted mask overlapping two true cells of class 0 at IoU 0.4 and 0.3 (threshold 0.25):
+    # the first prediction takes the better cell, the duplicate takes the other one.
+    g = np.zeros((1, 10), np.int32)
+    g[0, 0:4] = 1
+    g[0, 4:10] = 2
+    p = np.zeros_like(g)
+    p[0, 1:7] = 1  # cell 1: inter 3, union 7 -> 3/7; cell 2: inter 3, union 9 -> 1/3
+    gt = {"A": (g, {1: [0], 2: [0]})}
+    r = cell_map(gt, {"A": (p, [1, 1], conf_matrix({0: {0: 0.9}, 1: {0: 0.8}}))}, iou_threshold=0.25)
+    assert r.map == 1.0 and r.n_tp_per_class[0] == 2
+    r = cell_map(gt, {"A": (p, [1, 1], conf_matrix({0: {0: 0.9}, 1: {0: 0.8}}))}, iou_threshold=0.4)
+    assert r.n_tp_per_class[0] == 1 and r.map == 0.5
+
+
+def test_errors_unknown_id_and_sizes(tmp_path):
+    g = three_cells()
+    gt = {"A": (g, {1: [0], 2: [0], 3: [1]})}
+    conf = conf_matrix({2: {0: 0.5}})
+    with pytest.raises(ValueError, match=r"not in the ground truth: \['ghost'\]"):
+        cell_map(gt, {"ghost": (g, [1, 2, 3], conf)})
+    with pytest.raises(ValueError, match=r"image 'A': predicted mask \(10, 11\) and true mask \(10, 10\)"):
+        cell_map(gt, {"A": (np.zeros((10, 11), np.int32), [1, 2, 3], conf)})
+    with pytest.raises(ValueError, match="unknown metric mode 'loose'; valid: oid, strict"):
+        cell_map(gt, {}, mode="loose")
+    with pytest.raises(ValueError, match=r"image 'A': true mask and true labels disagree: cells \[3\]"):
+        cell_map({"A": (g, {1: [0], 2: [0]})}, {"A": (g, [1, 2, 3], conf)})
+    sub = read_submission(write_submission(tmp_path / "s.csv", {"ghost": (g, [1, 2, 3], conf)}))
+    with pytest.raises(ValueError, match=r"row 2 ID 'ghost'"):
+        submission_map(gt, sub)
+    wide = np.zeros((10, 12), np.int32)
+    wide[:4, :4] = 1
+    sub = read_submission(write_submission(tmp_path / "s.csv", {"A": (wide, [1], conf_matrix({0: {0: 1.0}}))}))
+    with pytest.raises(ValueError, match=r"row 2 \(ID 'A'\): image size 12 x 10 \(W x H\) but the true mask is 10 x 10"):
+        submission_map(gt, sub)
+
+
+def test_empty_predictions_and_no_ground_truth():
+    g = three_cells()
+    gt = {"A": (g, {1: [0], 2: [0], 3: [1]})}
+    r = cell_map(gt, {})
+    assert r.map == 0.0 and r.n_gt_per_class[:2].tolist() == [2, 1]
+    r = cell_map({"A": (np.zeros((4, 4), np.int32), {})}, {"A": (g[:4, :4], [1], conf_matrix({0: {0: 1.0}}))}, mode="strict")
+    assert np.isnan(r.map) and r.n_pred_per_class[0] == 1
+
+
+# --------------------------------------------------------------------------- CLI
+def make_data_dir(root: Path) -> Path:
+    gt_dir = root / "gt"
+    a = three_cells()
+    b = np.zeros((8, 6), np.int32)
+    b[1:7, 1:5] = 1
+    write_mask(gt_dir / "A_cellmask.png", a)
+    write_mask(gt_dir / "B_cellmask.png", b)
+    write_mask(gt_dir / "T_cellmask.png", b)
+    (gt_dir / "cell_labels.csv").write_text(
+        "ID,cell_id,Label,split\nA,1,0,test\nA,2,0|1,test\nA,3,18,test\nB,1,1,test\nT,1,5,train\n"
+    )
+    return root
+
+
+def perfect(masks_labels):
+    out = {}
+    for k, (m, labels) in masks_labels.items():
+        ids = sorted(labels)
+        c = np.full((len(ids), 19), NAN)
+        for r, i in enumerate(ids):
+            c[r, labels[i]] = 1.0
+        out[k] = (m, ids, c)
+    return out
+
+
+def test_score_cli(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "data")
+    a = three_cells()
+    b = np.zeros((8, 6), np.int32)
+    b[1:7, 1:5] = 1
+    truth = {"A": (a, {1: [0], 2: [0, 1], 3: [18]}), "B": (b, {1: [1]})}
+    sub = write_submission(tmp_path / "sub.csv", perfect(truth))
+    assert score_main([str(sub), str(data)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "mAP=1.0000"
+    assert any(line.split()[:2] == ["18", "Negative"] for line in out)
+
+    only_a = write_submission(tmp_path / "a.csv", perfect({"A": truth["A"]}))
+    assert score_main([str(only_a), str(data), "--mode", "strict"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    # class 0: 2/2 found (AP 1); class 1: 1 of 2 true cells found (AP 1/2); class 18: AP 1 -> mAP 2.5 / 3
+    assert out[-1] == f"mAP={2.5 / 3:.4f}"
+    assert any(line.startswith("warning: 1 of 2 ground-truth images") for line in out)
+
+    train_img = write_submission(tmp_path / "t.csv", perfect({"A": truth["A"], "T": (b, {1: [5]})}))
+    assert score_main([str(train_img), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "row 3 ID 'T'" in err and "split 'test'" in err
+    assert score_main([str(train_img), str(data), "--split", "all"]) == 0
+    # classes 0, 5, 18: AP 1; class 1: 1 of 2 true cells (B missing) -> AP 1/2; mAP = 3.5 / 4
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP=0.8750"
+
+
+def test_score_module_entry_point(tmp_path):
+    data = make_data_dir(tmp_path / "data")
+    a = three_cells()
+    sub = write_submission(tmp_path / "sub.csv", perfect({"A": (a, {1: [0], 2: [0, 1], 3: [18]})}))
+    res = subprocess.run(
+        [sys.executable, "-m", "hpa.score", str(sub), str(data), "--split", "test"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "mAP=0.8333"  # class 1: 1 of 2 true cells (B missing)
