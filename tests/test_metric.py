@@ -324,3 +324,31 @@ def test_score_module_entry_point(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "mAP=0.8333"  # class 1: 1 of 2 true cells (B missing)
+
+
+REAL_MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real" / "masks"
+
+
+@pytest.mark.skipif(not REAL_MASKS.is_dir(), reason="real HPA masks not available")
+def test_real_mask_ground_truth_scores_one_and_eroded_cells_miss(tmp_path):
+    from hpa.io import read_mask
+
+    g = read_mask(REAL_MASKS / "000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0_predictedmask.png")[:1024, :1536]  # keep it quick
+    ids = [int(i) for i in np.unique(g) if i]
+    gt = {"real": (g, {i: [i % 19] for i in ids})}
+    conf = np.full((len(ids), 19), NAN)
+    conf[np.arange(len(ids)), [i % 19 for i in ids]] = 1.0
+    fast, slow = both_paths(tmp_path, gt, {"real": (g, ids, conf)})
+    assert fast.map == 1.0 and slow.map == 1.0
+    # keep the first 55% / 65% of each cell's pixels (row-major): IoU = kept / area -> all miss / all hit
+    flat = g.ravel()
+    order = np.argsort(flat, kind="stable")
+    starts = np.searchsorted(flat[order], ids)
+    areas = np.bincount(flat)[ids]
+    for share, expected in [(0.55, 0.0), (0.65, 1.0)]:
+        p = np.zeros_like(flat)
+        for i, s0, a in zip(ids, starts, areas):
+            p[order[s0 : s0 + int(share * a)]] = i
+        fast, slow = both_paths(tmp_path, gt, {"real": (p.reshape(g.shape), ids, conf)})
+        assert fast.map == expected and fast.n_tp_per_class.sum() == (len(ids) if expected else 0)
+        assert_same(fast, slow)

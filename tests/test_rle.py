@@ -2,6 +2,7 @@
 
 import base64
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,22 @@ def test_decode_rles_reports_index_and_gives_coco_objects():
     with pytest.raises(RLEError) as exc:
         decode_rles([encode_mask(a), encode_mask(np.zeros((5, 4), bool))], 6, 4)
     assert exc.value.index == 1
+
+
+REAL_MASK = (
+    Path(__file__).resolve().parents[2]
+    / "shared" / "data" / "hpa_real" / "masks" / "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0_predictedmask.png"
+)
+
+
+@pytest.mark.skipif(not REAL_MASK.is_file(), reason="real HPA masks not available")
+def test_real_hpa_mask_instances():
+    from hpa.io import read_mask
+
+    lab = read_mask(REAL_MASK)
+    got = encode_instances(lab)
+    ids = [int(i) for i in np.unique(lab) if i]
+    assert sorted(got) == ids and len(ids) == 10
+    for i in ids:
+        assert got[i] == encode_mask(lab == i)
+    np.testing.assert_array_equal(decode_mask(got[ids[0]], *lab.shape), lab == ids[0])
