@@ -36,7 +36,7 @@ import pandas as pd
 from .constants import NEGATIVE
 from .fsutil import write_csv, write_json
 from .io import write_field, write_mask
-from .synth_cells import make_layout
+from .synth_cells import Layout, make_layout
 from .synth_labels import assign_cell_labels, image_label_from_cells, n_mitotic_for, sample_label_sets
 from .synth_render import render_field
 
@@ -55,7 +55,8 @@ class SynthField:
 
     field: uint8 (4, S, S) red, green, blue, yellow. cell_mask / nuclei_mask: int32 (S, S),
     cells 1..K, nucleus k inside cell k. cell_labels: K sorted class tuples ((18,) = negative).
-    image_labels: union of the cell labels without 18, or (18,).
+    image_labels: union of the cell labels without 18, or (18,). layout: the full geometry
+    (nucleoli, centrosomes, mitotic flags; see :class:`hpa.synth_cells.Layout`).
     """
 
     field: np.ndarray
@@ -63,6 +64,7 @@ class SynthField:
     nuclei_mask: np.ndarray
     cell_labels: list
     image_labels: tuple
+    layout: Layout | None = None
 
 
 def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[int, ...] | None = None) -> SynthField:
@@ -83,7 +85,7 @@ def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[in
     if got != image_labels:  # cannot happen unless assign_cell_labels is broken
         raise AssertionError(f"cells show {got}, image label is {image_labels}")
     field = render_field(rng, lay, cell_labels)
-    return SynthField(field, lay.cell_mask, lay.nuclei_mask, cell_labels, image_labels)
+    return SynthField(field, lay.cell_mask, lay.nuclei_mask, cell_labels, image_labels, lay)
 
 
 def image_id(split: str, index: int) -> str:
