@@ -64,8 +64,16 @@ DEFAULTS: dict[str, Any] = {
         "segmenter": "classical",  # classical | hpacellseg
         "nuclei_model": None,  # hpacellseg: local path of the nuclei model weights
         "cell_model": None,  # hpacellseg: local path of the cell model weights
-        "scale_factor": 0.25,  # hpacellseg: working scale
+        "scale_factor": 0.25,  # hpacellseg: working scale of the networks (of a reference_size field)
+        "multi_channel_model": True,  # hpacellseg: 3-channel cell model (red, yellow, blue); False: 2-channel
+        "padding": False,  # hpacellseg: reflect-pad network inputs (switched on by itself when sizes need it)
+        "labeler": "relative",  # hpacellseg labelling step: relative (ours, sizes scale) | hpacellseg (its label_cell)
+        "reference_size": 2048,  # hpacellseg: smaller fields are enlarged to this side before the networks
         "work_size": 512,  # classical: fields are segmented at about this longest side, labels upsampled
+        "min_nucleus": 0.10,  # classical: nuclei (or in-frame parts) below this x median nucleus area dropped
+        "min_cell": 0.35,  # classical: cells below this x median nucleus area dropped
+        "cell_threshold_scale": 0.7,  # classical: x automatic cell-foreground threshold (lower: larger cells)
+        "green_weight": 0.0,  # classical: weight of the protein channel in the cytoplasm signal
     },
     # ---------------------------------------------------------------- stage 04
     "pseudo": {
