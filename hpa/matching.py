@@ -28,10 +28,24 @@ def iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarr
     true = np.asarray(true)
     if pred.shape != true.shape:
         raise ValueError(f"mask shapes differ: predicted {pred.shape}, true {true.shape}")
-    pred_ids, p_inv = np.unique(pred, return_inverse=True)
-    true_ids, t_inv = np.unique(true, return_inverse=True)
+    if pred.size and pred.min() >= 0 and true.min() >= 0 and (int(pred.max()) + 1) * (int(true.max()) + 1) <= 1 << 22:
+        # small non-negative labels (every instance mask here): one bincount, no sorting
+        n_t_all = int(true.max()) + 1
+        joint_all = np.bincount((pred.astype(np.int64) * n_t_all + true).ravel(),
+                                minlength=(int(pred.max()) + 1) * n_t_all).reshape(-1, n_t_all)
+        pred_ids = np.flatnonzero(joint_all.sum(1))
+        true_ids = np.flatnonzero(joint_all.sum(0))
+        p_inv = t_inv = None
+        joint_sel = joint_all[np.ix_(pred_ids, true_ids)]
+    else:
+        pred_ids, p_inv = np.unique(pred, return_inverse=True)
+        true_ids, t_inv = np.unique(true, return_inverse=True)
+        joint_sel = None
     n_p, n_t = len(pred_ids), len(true_ids)
-    joint = np.bincount(p_inv.ravel() * n_t + t_inv.ravel(), minlength=n_p * n_t).reshape(n_p, n_t)
+    if joint_sel is not None:
+        joint = joint_sel
+    else:
+        joint = np.bincount(p_inv.ravel() * n_t + t_inv.ravel(), minlength=n_p * n_t).reshape(n_p, n_t)
     area_p = joint.sum(1)
     area_t = joint.sum(0)
     union = area_p[:, None] + area_t[None, :] - joint
