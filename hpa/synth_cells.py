@@ -150,7 +150,7 @@ def _try_layout(rng: np.random.Generator, size: int, n_mitotic: int) -> Layout |
     radii = r_mean * np.exp(rng.normal(0, 0.22, n_target))
     mit = np.zeros(n_target, bool)
     mit[: min(n_mitotic, n_target)] = True
-    spacing = rng.uniform(0.62, 0.85)
+    spacing = rng.uniform(0.75, 1.1)
     placed = _place_centres(rng, S, radii, spacing, 0.02 * S, mit)
     if placed is None:
         return None

@@ -262,7 +262,7 @@ def test_sample_label_sets_statistics():
     sp, p = LS.label_set_weights()
     expect = LS.expected_class_frequency(sp, p)
     assert np.allclose(yb.mean(0), expect, atol=0.012)
-    assert abs(yb.mean(0)[0] - 0.397) < 0.015 and abs(yb.mean(0)[11] - 0.015) < 0.005
+    assert abs(yb.mean(0)[0] - 0.394) < 0.015 and abs(yb.mean(0)[11] - 0.02) < 0.005
 
 
 def test_label_stats_constants_are_consistent():
@@ -283,5 +283,5 @@ def test_label_stats_match_the_real_csv():
     assert d["cooccurrence"] == [list(r) for r in LS.COOCCURRENCE]
     assert [(tuple(s), c) for s, c in d["label_sets"]] == [(tuple(s), c) for s, c in LS.LABEL_SETS]
     sets = [s for s, _ in LS.LABEL_SETS]
-    boost = LS.fit_boost(sets, [c for _, c in LS.LABEL_SETS], 0.015)
+    boost = LS.fit_boost(sets, [c for _, c in LS.LABEL_SETS], 0.02)
     assert np.allclose(np.round(boost, 2), LS.CLASS_BOOST)
