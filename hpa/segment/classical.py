@@ -201,31 +201,41 @@ class ClassicalSegmenter:
         cells = _fill_label_holes(cells, p.fill_holes * nuc_area)
         cells = _remove_small(cells, p.min_cell * nuc_area)
         nuclei = np.where(cells == nuclei, nuclei, 0)
-        if (h, w) != (H, W):
-            cells = cv2.resize(cells.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST)
-            nuclei = cv2.resize(nuclei.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST)
-        return finalize_masks(cells, nuclei)
+        cells, nuclei = finalize_masks(cells, nuclei)
+        if (h, w) != (H, W):  # nearest upsampling keeps every label and nucleus k inside cell k
+            cells = cv2.resize(cells, (W, H), interpolation=cv2.INTER_NEAREST)
+            nuclei = cv2.resize(nuclei, (W, H), interpolation=cv2.INTER_NEAREST)
+        return cells, nuclei
 
 
 def _fill_label_holes(labels: np.ndarray, max_hole: float) -> np.ndarray:
-    """Give background holes (area <= max_hole) enclosed by a single cell to that cell."""
-    bg = (labels == 0).astype(np.uint8)
-    n, comp = cv2.connectedComponents(bg, connectivity=4)
+    """Give background holes (area <= max_hole, not touching the image border) that are
+    enclosed by a single cell to that cell. int32 (h, w) in and out."""
+    n, comp = cv2.connectedComponents((labels == 0).astype(np.uint8), connectivity=4)
     if n <= 2:
         return labels
-    areas = np.bincount(comp.ravel())
-    H, W = labels.shape
-    border = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
-    cand = np.flatnonzero((areas <= max_hole))
-    cand = np.setdiff1d(cand[cand > 0], border)
-    if cand.size == 0:
+    areas = np.bincount(comp.ravel(), minlength=n)
+    cand = areas <= max_hole
+    cand[np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))] = False
+    cand[0] = False  # 0: the cells themselves
+    if not cand.any():
         return labels
-    out = labels.copy()
-    for k in cand:
-        hole = comp == k
-        ring = cv2.dilate(hole.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~hole
-        owners = np.unique(labels[ring])
-        owners = owners[owners > 0]
-        if owners.size == 1:
-            out[hole] = owners[0]
-    return out
+    # (hole, neighbouring cell) pairs over the four neighbour directions
+    pairs = []
+    for a, b in (((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                 ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
+        h, c = comp[a], labels[b]
+        sel = cand[h] & (c > 0)
+        pairs.append(np.stack([h[sel], c[sel]], 1))
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    holes, counts = np.unique(pairs[:, 0], return_counts=True)
+    single = holes[counts == 1]
+    if single.size == 0:
+        return labels
+    owner = np.zeros(n, np.int64)
+    first = pairs[np.isin(pairs[:, 0], single)]
+    owner[first[:, 0]] = first[:, 1]
+    fill = owner[comp]
+    return np.where((labels == 0) & (fill > 0), fill, labels).astype(labels.dtype)

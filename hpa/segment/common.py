@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io import InputError
+
 
 def check_field(field: np.ndarray) -> np.ndarray:
-    """Check a field is a uint8/uint16 ``(4, H, W)`` array; return it as an ndarray."""
+    """Check a field is a uint8/uint16 ``(4, H, W)`` array; return it as an ndarray.
+
+    Raises :class:`hpa.io.InputError` (a ``ValueError``) saying what arrived.
+    """
     field = np.asarray(field)
     if field.ndim != 3 or field.shape[0] != 4:
-        raise ValueError(f"expected a field of shape (4, H, W) (red, green, blue, yellow), got shape {field.shape}")
+        raise InputError(f"expected a field of shape (4, H, W) (red, green, blue, yellow), got shape {field.shape}")
     if field.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"expected a uint8 or uint16 field, got dtype {field.dtype}")
+        raise InputError(f"expected a uint8 or uint16 field, got dtype {field.dtype}")
     if min(field.shape[1:]) < 8:
-        raise ValueError(f"field of {field.shape[2]}x{field.shape[1]} px is too small to segment (need >= 8 px a side)")
+        raise InputError(f"field of {field.shape[2]}x{field.shape[1]} px is too small to segment (need >= 8 px a side)")
     return field
 
 
