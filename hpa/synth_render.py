@@ -86,8 +86,10 @@ def splat(shape, ys, xs, amps, sigma: float) -> np.ndarray:
     yi = np.clip(np.round(ys).astype(int), 0, shape[0] - 1)
     xi = np.clip(np.round(xs).astype(int), 0, shape[1] - 1)
     np.add.at(out, (yi, xi), np.asarray(amps, np.float32))
-    out = cv2.GaussianBlur(out, (0, 0), sigma)
-    return out * np.float32(2 * np.pi * sigma * sigma)
+    sigma = max(float(sigma), 0.55)  # narrower dots would fall between pixels at small field sizes
+    ks = 2 * int(np.ceil(3 * sigma)) + 1
+    centre = float(cv2.getGaussianKernel(ks, sigma)[ks // 2, 0]) ** 2
+    return cv2.GaussianBlur(out, (ks, ks), sigma) / np.float32(centre)
 
 
 def draw_lines(shape, lines: list, amps, s: float, blur: float = 0.6) -> np.ndarray:
@@ -104,7 +106,7 @@ def draw_lines(shape, lines: list, amps, s: float, blur: float = 0.6) -> np.ndar
         layer = np.zeros(shape, np.float32)
         cv2.polylines(layer, pts, False, 1.0, th, cv2.LINE_8, shift=4)
         out = np.maximum(out, layer * (lv / 8.0))
-    return cv2.GaussianBlur(out, (0, 0), blur * s)
+    return cv2.GaussianBlur(out, (0, 0), max(blur * s, 0.35))
 
 
 def bezier(p0: np.ndarray, p1: np.ndarray, bend: np.ndarray, n: int = 8) -> np.ndarray:
@@ -127,6 +129,11 @@ def _sample_pix(rng, pix: np.ndarray, n: int, S: int, weights: np.ndarray | None
     p = None if weights is None else weights / weights.sum()
     idx = rng.choice(pix, size=n, p=p)
     return idx // S + rng.uniform(-0.5, 0.5, n), idx % S + rng.uniform(-0.5, 0.5, n)
+
+
+def _w(px_at_256: float, s: float, lo: float = 0.8) -> float:
+    """A width of ``px_at_256`` pixels scaled to the field, but never below ``lo`` pixels."""
+    return max(px_at_256 * s, lo)
 
 
 def cell_map(values: np.ndarray, cell: np.ndarray) -> np.ndarray:
@@ -215,13 +222,18 @@ def er_network(rng, m: Maps) -> np.ndarray:
     band /= float(band.std()) + 1e-6
     ridge = np.exp(-(band / 0.45) ** 2)
     dens = np.exp(-m.t / 0.5) * 0.8 + 0.2
-    env = np.exp(-(m.d_nuc_out / (1.2 * s)) ** 2) * m.cyto  # nuclear envelope is part of the ER
+    env = np.exp(-((m.d_nuc_out - 1) / _w(1.2, s)) ** 2) * m.cyto  # nuclear envelope is part of the ER
     grain = np.clip(1 + 0.35 * cv2.GaussianBlur(white, (0, 0), 0.6 * s) / 0.4, 0.3, 2)
     er = m.cyto * dens * (0.45 + 0.55 * ridge) * grain + 0.5 * env
     return er.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- green class patterns
+def _own(m: Maps, amp: np.ndarray) -> np.ndarray:
+    """float32 (S, S): 1 inside the cells that show the pattern (amp > 0), so no dot spills into a neighbour."""
+    return (amp[m.cell] > 0).astype(np.float32) * (m.cell > 0)
+
+
 def _nuc_texture(rng, m: Maps, sigma: float = 1.5) -> np.ndarray:
     return 0.75 + 0.25 * np.clip(smooth_noise(rng, m.cell.shape, sigma * m.s), -2, 2) / 2
 
@@ -233,7 +245,7 @@ def p_nucleoplasm(rng, m, amp, ctx):
 
 def p_nuclear_membrane(rng, m, amp, ctx):
     s = m.s
-    rim = np.where(m.nuc, np.exp(-(m.d_nuc_in / (1.0 * s)) ** 2), np.exp(-(m.d_nuc_out / (0.8 * s)) ** 2) * 0.7)
+    rim = np.where(m.nuc, np.exp(-((m.d_nuc_in - 1) / _w(1.0, s)) ** 2), np.exp(-((m.d_nuc_out - 1) / _w(0.8, s)) ** 2) * 0.7)
     beads = 0.7 + 0.3 * np.clip(smooth_noise(rng, m.cell.shape, 1.0 * s), -2, 2) / 2
     return amp[m.cell] * rim * beads * (m.cell > 0)
 
@@ -253,7 +265,7 @@ def p_fibrillar_center(rng, m, amp, ctx):
             xs += list(x + rad * np.cos(ang))
             a += list(amp[k] * rng.uniform(0.6, 1.0, n))
     dots = splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.6 * m.s)
-    return dots * m.nuc + 0.03 * amp[m.lay.nuclei_mask] * m.nuc
+    return dots * m.nuc * _own(m, amp) + 0.03 * amp[m.lay.nuclei_mask] * m.nuc
 
 
 def p_speckles(rng, m, amp, ctx):
@@ -273,7 +285,7 @@ def p_nuclear_bodies(rng, m, amp, ctx):
         ys += list(y)
         xs += list(x)
         a += list(amp[k] * rng.uniform(0.6, 1.0, len(y)))
-    return splat(m.cell.shape, np.array(ys), np.array(xs), a, sig) * m.nuc + 0.04 * amp[m.lay.nuclei_mask] * m.nuc
+    return splat(m.cell.shape, np.array(ys), np.array(xs), a, sig) * m.nuc * _own(m, amp) + 0.04 * amp[m.lay.nuclei_mask] * m.nuc
 
 
 def p_er(rng, m, amp, ctx):
@@ -302,7 +314,7 @@ def p_golgi(rng, m, amp, ctx):
         xs += list(p[:, 1])
         a += list(amp[k] * rng.uniform(0.5, 1.0, n))
     dots = splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.9 * s)
-    return np.minimum(dots, amp[m.cell] * 1.2) * (m.cell > 0)
+    return np.minimum(dots, amp[m.cell] * 1.2) * _own(m, amp)
 
 
 def p_intermediate_filaments(rng, m, amp, ctx):
@@ -342,7 +354,7 @@ def p_actin(rng, m, amp, ctx):
             lines.append(np.stack([p - 2 * R * ua, p + 2 * R * ua]))
             la.append(rng.uniform(0.3, 1.0))
     f = draw_lines(m.cell.shape, lines, la, s, 0.5)
-    cortex = np.exp(-(m.d_edge / (1.2 * s)) ** 2) * 0.5
+    cortex = np.exp(-(m.d_edge / _w(1.2, s)) ** 2) * 0.5
     return amp[m.cell] * np.clip(f + cortex, 0, 1) * (m.cell > 0)
 
 
@@ -360,7 +372,7 @@ def p_spindle(rng, m, amp, ctx):
             poles_x.append(c[1] + sign * 0.55 * R * np.cos(ax))
             a.append(amp[k])
     poles = splat(m.cell.shape, np.array(poles_y), np.array(poles_x), a, 1.0 * m.s)
-    return amp[m.cell] * ctx["spindle"] * 1.2 + poles * (m.cell > 0)
+    return amp[m.cell] * ctx["spindle"] * 1.2 + poles * _own(m, amp)
 
 
 def p_centrosome(rng, m, amp, ctx):
@@ -383,11 +395,11 @@ def p_centrosome(rng, m, amp, ctx):
             ys.append(c[0] + 2.2 * s * np.sin(ang))
             xs.append(c[1] + 2.2 * s * np.cos(ang))
             a.append(amp[k] * rng.uniform(0.6, 1.0))
-    return splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.85 * s) * (m.cell > 0) + 0.02 * amp[m.cell]
+    return splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.85 * s) * _own(m, amp) + 0.02 * amp[m.cell]
 
 
 def p_plasma_membrane(rng, m, amp, ctx):
-    rim = np.exp(-(m.d_edge / (1.1 * m.s)) ** 2)
+    rim = np.exp(-(m.d_edge / _w(1.1, m.s)) ** 2)
     beads = 0.75 + 0.25 * np.clip(smooth_noise(rng, m.cell.shape, 1.5 * m.s), -2, 2) / 2
     return amp[m.cell] * (rim * beads + 0.05 * m.cyto) * (m.cell > 0)
 
@@ -424,7 +436,7 @@ def p_aggresome(rng, m, amp, ctx):
             xs.append(p[1])
             a.append(amp[k] * rng.uniform(0.5, 0.8))
     blob = splat(m.cell.shape, np.array(ys), np.array(xs), a, 2.3 * s)
-    return np.minimum(blob, 1.3) * (m.cell > 0) + 0.05 * amp[m.cell] * m.cyto
+    return np.minimum(blob, 1.3) * _own(m, amp) + 0.05 * amp[m.cell] * m.cyto
 
 
 def p_cytosol(rng, m, amp, ctx):
@@ -441,7 +453,7 @@ def p_vesicles(rng, m, amp, ctx):
         ys += list(y)
         xs += list(x)
         a += list(amp[k] * rng.uniform(0.4, 1.0, len(y)))
-    return splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.8 * s) * m.cyto
+    return splat(m.cell.shape, np.array(ys), np.array(xs), a, 0.8 * s) * m.cyto * _own(m, amp)
 
 
 #: Green pattern per class: ``f(rng, maps, amp (K+1,) per-cell brightness, ctx) -> float32 (S, S)``.

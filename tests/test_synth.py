@@ -285,3 +285,19 @@ def test_label_stats_match_the_real_csv():
     sets = [s for s, _ in LS.LABEL_SETS]
     boost = LS.fit_boost(sets, [c for _, c in LS.LABEL_SETS], 0.02)
     assert np.allclose(np.round(boost, 2), LS.CLASS_BOOST)
+
+
+@pytest.mark.parametrize("c", [1, 3, 4, 6, 7, 8, 9, 10, 14, 15, 17])
+def test_negative_cells_stay_dim_next_to_positive_ones(c):
+    ratios = []
+    for seed in range(8):
+        f = make_field(np.random.default_rng([seed, c, 7]), SIZE, (c,))
+        pos = _positive_cells(f, c)
+        neg = [k for k, cl in enumerate(f.cell_labels, 1) if cl == (NEGATIVE,)]
+        if neg:
+            g = _green(f)
+            top = [np.percentile(g[f.cell_mask == k], 99) for k in pos]
+            ratios.append(np.mean([np.percentile(g[f.cell_mask == k], 99) for k in neg]) / np.mean(top))
+        if len(ratios) == 2:
+            break
+    assert len(ratios) == 2 and max(ratios) < 0.35, ratios
