@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 
 from hpa.io import InputError, read_field, read_mask, write_field
 from hpa.matching import match_cells
@@ -32,10 +33,11 @@ def draw_field(centres, size, nuc_r, cell_r, rng=None, dtype=np.uint8):
     """
     rng = rng or np.random.default_rng(0)
     H, W = (size, size) if isinstance(size, int) else size
-    yy, xx = np.mgrid[:H, :W]
-    d = np.stack([np.hypot(yy - y, xx - x) for y, x in centres])
-    owner = d.argmin(0)
-    dmin = d.min(0)
+    seeds = np.zeros((H, W), np.int32)
+    for k, (y, x) in enumerate(centres):
+        seeds[min(H - 1, max(0, int(round(y)))), min(W - 1, max(0, int(round(x))))] = k + 1
+    dmin, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    owner = seeds[iy, ix] - 1
     cells = np.where(dmin <= cell_r, owner + 1, 0).astype(np.int32)
     nuclei = np.where(dmin <= nuc_r, owner + 1, 0).astype(np.int32)
     edge = np.zeros((H, W), bool)  # one-pixel line where two cells touch
