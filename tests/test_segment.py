@@ -33,11 +33,13 @@ def draw_field(centres, size, nuc_r, cell_r, rng=None, dtype=np.uint8):
     """
     rng = rng or np.random.default_rng(0)
     H, W = (size, size) if isinstance(size, int) else size
-    seeds = np.zeros((H, W), np.int32)
+    P = int(cell_r) + 2  # centres may lie outside the frame: draw on a larger canvas, then crop
+    seeds = np.zeros((H + 2 * P, W + 2 * P), np.int32)
     for k, (y, x) in enumerate(centres):
-        seeds[min(H - 1, max(0, int(round(y)))), min(W - 1, max(0, int(round(x))))] = k + 1
+        seeds[int(round(y)) + P, int(round(x)) + P] = k + 1
     dmin, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    owner = seeds[iy, ix] - 1
+    owner = (seeds[iy, ix] - 1)[P:-P, P:-P]
+    dmin = dmin[P:-P, P:-P]
     cells = np.where(dmin <= cell_r, owner + 1, 0).astype(np.int32)
     nuclei = np.where(dmin <= nuc_r, owner + 1, 0).astype(np.int32)
     edge = np.zeros((H, W), bool)  # one-pixel line where two cells touch
@@ -98,6 +100,18 @@ def test_two_touching_cells_are_split():
     m = match_cells(cells, true_cells, 0.6)
     assert m.n_pred == 2 and m.n_matched == 2
     assert min(iou for _, _, iou in m.pairs) > 0.8
+
+
+def test_border_cell_kept_only_when_enough_of_its_nucleus_is_in_frame():
+    # nuclei of radius 10 (area ~314); centres: two inside, one half out (left), one almost out (right)
+    centres = [(64, 50), (64, 100), (20, -1), (110, 137)]
+    field, true_cells, true_nuclei = draw_field(centres, (128, 128), nuc_r=10, cell_r=24)
+    in_frame = np.bincount(true_nuclei.ravel(), minlength=5)[1:]
+    assert in_frame[2] > 100 and 0 < in_frame[3] < 20  # half a nucleus; a 5% sliver
+    cells, nuclei = get_segmenter("classical").segment(field)
+    check_masks(cells, nuclei)
+    m = match_cells(cells, true_cells, 0.6)
+    assert sorted(t for _, t, _ in m.pairs) == [1, 2, 3] and m.n_pred == 3
 
 
 def test_no_nuclei_gives_empty_masks_and_a_warning(caplog):
