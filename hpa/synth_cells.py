@@ -73,7 +73,9 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     step = max(1, int(sigma // 4))
     small = rng.standard_normal(((h + step - 1) // step + 1, (w + step - 1) // step + 1)).astype(np.float32)
     sm = cv2.GaussianBlur(small, (0, 0), sigma / step, borderType=cv2.BORDER_REFLECT)
-    out = cv2.resize(sm, ((small.shape[1]) * step, (small.shape[0]) * step), interpolation=cv2.INTER_LINEAR)[:h, :w] if step > 1 else sm[:h, :w]
+    if step > 1:
+        sm = cv2.resize(sm, (small.shape[1] * step, small.shape[0] * step), interpolation=cv2.INTER_LINEAR)
+    out = sm[:h, :w]
     out = out - out.mean()
     sd = float(out.std())
     return out / sd if sd > 0 else out

@@ -418,7 +418,7 @@ def p_mitochondria(rng, m, amp, ctx):
         p0 = np.stack([y, x], 1) - d
         p1 = np.stack([y, x], 1) + d
         lines += list(bezier(p0, p1, rng.normal(0, 0.25, len(y)), 5))
-        la += list(amp[k] * 0 + rng.uniform(0.5, 1.0, len(y)))
+        la += list(rng.uniform(0.5, 1.0, len(y)))
     f = draw_lines(m.cell.shape, lines, la, s, 0.55)
     return amp[m.cell] * np.clip(f * 1.4, 0, 1) * m.cyto
 
