@@ -1,8 +1,8 @@
-"""Classical cell segmentation: nuclei by threshold + distance watershed, cells by seeded watershed.
+"""Classical cell segmentation: nuclei by threshold + core/distance watershed, cells by seeded watershed.
 
 Runs everywhere (NumPy, SciPy, OpenCV, scikit-image; no weights, no GPU). Every size
 parameter is relative: to the working image side or to the *measured* median nucleus
-size of the field, so the same settings serve 256-px synthetic fields and 2048/3072-px
+size of the field, so the same settings serve 128/256-px synthetic fields and 2048/3072-px
 HPA fields. The field is segmented at a reduced scale (longest side ``work_size``) and
 the labels are upsampled (nearest) to the field's size.
 
@@ -11,11 +11,14 @@ Steps (at working scale):
 1. Channels are normalised by a high percentile, so thresholds do not depend on
    bit depth or exposure.
 2. Nuclei: the blue channel is smoothed and thresholded (Otsu on the log intensity,
-   so dim nuclei next to bright ones survive), holes are filled, and touching nuclei
-   are split by a watershed on the distance transform seeded by its h-maxima (h
-   relative to the measured nucleus radius). Fragments smaller than a fraction of
-   the median nucleus are dropped; this also drops cells at the border whose nucleus
-   is almost entirely out of frame, as HPA's reference segmentation does.
+   so dim nuclei next to bright ones survive) and holes are filled. *Cores* are the
+   pixels brighter than a fraction of the brightest pixel within a nucleus radius, so
+   the dim gap between two touching nuclei separates their cores whatever their
+   brightness; cores touching by shape alone are split at the h-maxima of their
+   distance transform (h relative to the measured nucleus radius), and a watershed
+   grows the markers back over the nucleus mask. Fragments smaller than a fraction
+   of the median nucleus are dropped; this also drops cells at the border whose
+   nucleus is almost entirely out of frame, as HPA's reference segmentation does.
 3. Cells: the cytoplasm signal (microtubules + ER, optionally + protein) is smoothed,
    a foreground mask is thresholded on its log intensity, and a watershed seeded by
    the nuclei floods the inverted signal inside the foreground, so touching cells
