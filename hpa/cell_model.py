@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from . import gt as gtmod
+from .cell_crops import build_crop_cache
 from .constants import IOU_THRESHOLD, NUM_CLASSES
+from .fsutil import write_parquet
 from .io import InputError, read_mask
 
 log = logging.getLogger(__name__)
@@ -156,70 +158,18 @@ def read_val_ids(run: str | os.PathLike, val_fold: int) -> set[str]:
     return set(df.loc[df["fold"] == int(val_fold), "ID"])
 
 
-# --------------------------------------------------------------------------- data
-class CellCropDataset(torch.utils.data.Dataset):
-    """Cell crops for training or prediction.
-
-    Item ``i``: ``(x, t)`` with ``x`` float32 ``(4, s, s)`` = ``(crop / 255 - mean) / std``
-    and ``t`` float32 ``(19,)`` (zeros when no targets are given). ``augment`` applies a
-    random horizontal flip and a random multiple of 90 degrees (cells have no orientation).
-
-    ``crops`` is the cache memmap or the path of its ``.npy``; a path is opened lazily in
-    each worker, so DataLoader workers never copy the cache.
-    """
-
-    def __init__(self, crops: np.ndarray | str | os.PathLike, rows: np.ndarray, mean: Sequence[float],
-                 std: Sequence[float], targets: np.ndarray | None = None, augment: bool = False):
-        self._path = None if isinstance(crops, np.ndarray) else str(crops)
-        self._crops = crops if isinstance(crops, np.ndarray) else None
-        self.rows = np.asarray(rows, np.int64)
-        self.mean = torch.as_tensor(np.asarray(mean, np.float32)).view(-1, 1, 1)
-        self.std = torch.as_tensor(np.asarray(std, np.float32)).view(-1, 1, 1)
-        if self.mean.numel() != 4 or self.std.numel() != 4 or (self.std <= 0).any():
-            raise ValueError(f"mean and std must be 4 per-channel values (std > 0), got {mean} and {std}")
-        self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, np.float32))
-        if self.targets is not None and self.targets.shape != (len(self.rows), NUM_CLASSES):
-            raise ValueError(f"targets must be ({len(self.rows)}, {NUM_CLASSES}), got {tuple(self.targets.shape)}")
-        self.augment = augment
-
-    @property
-    def crops(self) -> np.ndarray:
-        if self._crops is None:
-            self._crops = np.load(self._path, mmap_mode="r")
-        return self._crops
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self._path is not None:
-            state["_crops"] = None
-        return state
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        x = torch.from_numpy(np.array(self.crops[self.rows[i]], dtype=np.float32)) / 255.0
-        if self.augment:
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            k = int(torch.randint(4, ()))
-            if k:
-                x = torch.rot90(x, k, (-2, -1))
-        x = (x - self.mean) / self.std
-        t = self.targets[i] if self.targets is not None else torch.zeros(NUM_CLASSES)
-        return x.contiguous(), t
-
-
 # --------------------------------------------------------------------------- model
 def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout: float | None = None,
-                                output_stride: int | None = None, seed: int = 0) -> nn.Module:
-    """A fresh :class:`hpa.models.HPANet` with the image model's architecture and backbone weights.
+                                output_stride: int | None = None, bn_momentum: float | None = None,
+                                seed: int = 0) -> nn.Module:
+    """A new :class:`hpa.models.HPANet` with the image model's architecture and backbone weights.
 
     Args:
         image_model: the trained image-level HPANet (its ``arch`` and ``backbone`` are used).
         crop_size: the cell crop size (EfficientNet's static padding is built for it).
         dropout: head dropout (None: the image model's).
         output_stride: 16 or 32 (None: the image model's); the weights are the same either way.
+        bn_momentum: BatchNorm momentum (None: the architecture's own).
         seed: seeds the new head's initialisation.
     Returns:
         a model whose ``backbone`` state equals the image model's and whose ``head`` is a new
@@ -236,10 +186,10 @@ def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout:
         dropout = float(image_model.dropout.p)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(arch, num_classes=NUM_CLASSES, dropout=dropout, image_size=int(crop_size),
-                            output_stride=int(output_stride))
-    missing = model.backbone.load_state_dict(image_model.backbone.state_dict(), strict=True)
-    assert not missing.missing_keys and not missing.unexpected_keys
+        model = build_model(arch, num_classes=NUM_CLASSES, dropout=float(dropout), image_size=int(crop_size),
+                            output_stride=int(output_stride), bn_momentum=bn_momentum)
+    src = {k: v.detach().cpu() for k, v in image_model.backbone.state_dict().items()}
+    model.backbone.load_state_dict(src, strict=True)
     return model
 
 
@@ -254,26 +204,172 @@ def model_output_stride(model: nn.Module) -> int:
     return 64 // f.shape[-1]
 
 
-@torch.no_grad()
-def predict_cells(model: nn.Module, crops: np.ndarray | str | os.PathLike, index: pd.DataFrame,
-                  mean: Sequence[float], std: Sequence[float], batch_size: int = 128, device: str = "cpu",
-                  tta_flip: bool = False, num_workers: int = 0) -> pd.DataFrame:
-    """Softmax probabilities of every cell of a crop cache.
+def predict_cells(model: nn.Module, meta: dict, crops: np.ndarray, index: pd.DataFrame, batch_size: int = 256,
+                  device: str = "cpu", tta_flip: bool = False, amp: str = "auto") -> pd.DataFrame:
+    """Softmax probabilities of every cell of a crop cache (via :func:`hpa.train.predict`).
 
-    Returns ``ID, cell_id, p0..p18`` with one row per index row (same order); every row sums
-    to 1. ``tta_flip`` averages the softmax over the crop and its horizontal flip.
+    Args:
+        model, meta: a multi-class cell model and its meta (:func:`hpa.train.load_model`).
+        crops: uint8 ``(N, 4, s, s)`` crop cache; index: its index (``ID, cell_id, row``).
+    Returns:
+        ``ID, cell_id, p0..p18`` (float32), one row per index row in index order; rows sum to 1.
     """
-    ds = CellCropDataset(crops, index["row"].to_numpy(), mean, std)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    model = model.to(device).eval()
-    out = []
-    for x, _ in loader:
-        x = x.to(device)
-        p = torch.softmax(model(x).float(), 1)
-        if tta_flip:
-            p = 0.5 * (p + torch.softmax(model(x.flip(-1)).float(), 1))
-        out.append(p.cpu().numpy())
-    probs = np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
+    from .train import predict
+
+    if meta.get("task") != "multiclass" or meta.get("num_classes") != NUM_CLASSES:
+        raise ValueError(f"expected a {NUM_CLASSES}-class multiclass cell model, got task {meta.get('task')!r} "
+                         f"with {meta.get('num_classes')} classes")
+    rows = index["row"].to_numpy(np.int64)
+    if len(rows) and not np.array_equal(rows, np.arange(len(crops))):
+        crops = _Rows(crops, rows)
+    probs = predict(model, meta, crops, batch_size=batch_size, device=device, tta_flip=tta_flip, amp=amp)
     df = index[["ID", "cell_id"]].reset_index(drop=True).copy()
-    df[PROB_COLS] = probs.astype(np.float32)
+    df[PROB_COLS] = probs.astype(np.float32) if len(df) else np.zeros((0, NUM_CLASSES), np.float32)
     return df
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, arr, rows):
+        self.arr, self.rows = arr, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.arr[self.rows[i]]))
+
+
+# --------------------------------------------------------------------------- stage 05
+#: Keys of the ``cell_model`` config section that :func:`train_cell_stage` understands.
+SETTINGS = ("crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
+            "weight_decay", "warmup_epochs", "label_smoothing", "balance_power", "samples_per_epoch",
+            "aug_intensity", "dropout", "bn_momentum", "tta_flip", "predict_batch_size", "loader_workers", "amp",
+            "channels_last", "accumulate", "grad_clip")
+
+
+def stage_dir(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> Path:
+    """``RUN/cycle{k}`` or ``RUN/oracle``: where a cell model and its probabilities go."""
+    if oracle:
+        return Path(run) / "oracle"
+    if cycle not in (1, 2):
+        raise ValueError(f"cycle must be 1 or 2, got {cycle}")
+    return Path(run) / f"cycle{cycle}"
+
+
+def outputs(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> dict[str, Path]:
+    """The files stage 05 writes: ``model`` (cell_model/model.pt) and ``probs_{split}``."""
+    d = stage_dir(run, cycle, oracle)
+    out = {"model": d / "cell_model" / "model.pt", "probs_test": d / "cell_probs_test.parquet"}
+    if not oracle:
+        out["probs_train"] = d / "cell_probs_train.parquet"
+    return out
+
+
+def split_cache(run: Path, data_dir: Path, split: str, s: dict, workers: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crop cache of every usable image of ``split`` (``RUN/cell_cache/``), built or reused."""
+    from .io import list_split
+    from .labelling import usable_ids
+
+    ids = usable_ids(run, split, list_split(data_dir, split)[0])
+    return build_crop_cache(data_dir, run / "masks" / split, split, ids, int(s["crop_size"]), float(s["margin"]),
+                            s["outside"], float(s["dim_factor"]), run / "cell_cache", workers)
+
+
+def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None, oracle: bool = False, *,
+                     device: str = "cpu", force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Stage 05: train (or resume, or reuse) a cell model and predict every train/test cell.
+
+    Args:
+        run: run directory (reads ``masks/``, ``image_model/model.pt``, ``splits.csv``,
+            ``cycle{k}/pseudo_labels.parquet``; oracle: ``DATA/gt``).
+        cfg: the whole resolved config (``cell_model``, ``data``, ``seed``, ``num_workers``,
+            ``image_model.val_fold``).
+        cycle: 1 or 2 (ignored with ``oracle``).
+        oracle: train on true cell labels moved onto our cells (upper bound) -> ``RUN/oracle/``.
+        device: resolved device. force: retrain and re-predict.
+    Returns:
+        the paths written (see :func:`outputs`); test probabilities are skipped (absent from the
+        dict) when ``RUN/masks/test`` does not exist.
+    """
+    from .config import ConfigError
+    from .data import FieldDataset
+    from .train import barrier, fit, init_distributed, is_main_process, load_model
+
+    s = dict(cfg["cell_model"])
+    unknown = sorted(set(s) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown cell_model setting(s) {unknown}; valid: {list(SETTINGS)}")
+    run, data_dir = Path(run), Path(cfg["data"])
+    seed, workers = int(cfg["seed"]), int(cfg["num_workers"])
+    out = outputs(run, cycle, oracle)
+    model_dir = out["model"].parent
+    has_test = (run / "masks" / "test").is_dir()
+    init_distributed(device)
+
+    if is_main_process():  # rank 0 builds the caches while the others wait
+        split_cache(run, data_dir, "train", s, workers)
+    barrier()
+    crops, index = split_cache(run, data_dir, "train", s, 0)
+    if oracle:
+        labels = oracle_cell_labels(data_dir, run / "masks" / "train", list(dict.fromkeys(index["ID"])))
+    else:
+        labels = read_pseudo_labels(stage_dir(run, cycle) / "pseudo_labels.parquet")
+    rows, targets, weights = attach_targets(index, labels)
+    val_ids = read_val_ids(run, int(cfg["image_model"]["val_fold"]))
+    is_val = index["ID"].to_numpy()[rows].astype(str)
+    is_val = np.isin(is_val, list(val_ids))
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(tr) == 0:
+        raise InputError(f"no labelled cells in the training images ({len(labels)} labels, {len(va)} in validation)")
+    log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
+             model_dir, len(rows), len(tr), len(va), len(index),
+             np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
+
+    image_model, image_meta = load_model(run / "image_model" / "model.pt")
+    if image_meta.get("mean") is None:
+        raise InputError(f"{run / 'image_model' / 'model.pt'} has no normalisation mean/std in its meta")
+    model = cell_model_from_image_model(image_model, int(s["crop_size"]), s.get("dropout"), s.get("output_stride"),
+                                        s.get("bn_momentum"), seed)
+    del image_model
+    from .augment import BatchAugment
+
+    npy = run / "cell_cache" / f"train_{int(s['crop_size'])}.npy"
+    power = float(s["balance_power"])
+    sample_weights = balanced_sample_weights(targets[tr], weights[tr], power)
+    val_rows = rows[va]
+    fit(model, FieldDataset(npy, rows[tr], targets[tr]),
+        FieldDataset(npy, val_rows, targets[va]) if len(va) else None, model_dir,
+        task="multiclass", loss="ce", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+        weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]),
+        label_smoothing=float(s["label_smoothing"]), sample_weights=sample_weights,
+        samples_per_epoch=s.get("samples_per_epoch"), mean=image_meta["mean"], std=image_meta["std"],
+        augment=BatchAugment(flips=True, rot90=True, intensity=float(s["aug_intensity"])), amp=s["amp"],
+        channels_last=bool(s["channels_last"]), accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"),
+        num_workers=int(s["loader_workers"]), seed=seed, device=device, force=force, progress=progress,
+        val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
+        extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
+                    "crop_size": int(s["crop_size"]), "margin": float(s["margin"]), "outside": s["outside"],
+                    "dim_factor": float(s["dim_factor"]), "image_model": str(run / "image_model" / "model.pt"),
+                    "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed})
+    if len(va) == 0:
+        log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
+    written = {"model": out["model"]}
+    if is_main_process():
+        model, meta = load_model(out["model"], device)
+        splits = (["train"] if not oracle else []) + (["test"] if has_test else [])
+        if not has_test:
+            log.info("%s does not exist: no test-cell probabilities (run stage 03 on the test split)",
+                     run / "masks" / "test")
+        for split in splits:
+            path = out[f"probs_{split}"]
+            if path.is_file() and not force and path.stat().st_mtime >= out["model"].stat().st_mtime:
+                log.info("%s is up to date; skipping (force retrains and re-predicts)", path)
+            else:
+                crops, index = split_cache(run, data_dir, split, s, workers) if split == "test" else (crops, index)
+                probs = predict_cells(model, meta, crops, index, int(s["predict_batch_size"]), device,
+                                      bool(s["tta_flip"]), s["amp"])
+                write_parquet(path, probs)
+                log.info("wrote %s (%d cells of %d images)", path, len(probs), probs["ID"].nunique())
+            written[f"probs_{split}"] = path
+    barrier()
+    return written

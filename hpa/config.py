@@ -88,20 +88,29 @@ DEFAULTS: dict[str, Any] = {
     },
     # ---------------------------------------------------------------- stage 05
     "cell_model": {
-        "crop_size": 96,  # cell crops are resized to this square size
-        "margin": 0.1,  # bbox margin, as a fraction of the bbox size
-        "outside": "dim",  # zero | dim | keep: what happens to pixels outside the cell mask
-        "dim_factor": 0.25,
-        "epochs": 6,
+        "crop_size": 64,  # cell crops (cut from the full-res field) are resized to this square size
+        "margin": 0.1,  # crop window: bbox grown by this fraction of its longest side on each side, made square
+        "outside": "dim",  # zero | dim | keep: what happens to crop pixels outside the cell mask
+        "dim_factor": 0.25,  # outside=dim: multiplier of those pixels
+        "output_stride": 32,  # 16 | 32 | null (the image model's); same weights, 32 is cheaper on small crops
+        "epochs": 5,
         "batch_size": 64,
-        "lr": 1.0e-3,
+        "lr": 1.0e-3,  # peak AdamW learning rate (backbone from the image model, new head)
         "weight_decay": 1.0e-2,
         "warmup_epochs": 0.5,
-        "label_smoothing": 0.1,
-        "balanced_sampling": True,
-        "amp": "auto",
+        "label_smoothing": 0.1,  # softmax cross-entropy label smoothing
+        "balance_power": 0.5,  # class-balanced sampling: cell weight count_c^-power x label weight (0: off, 1: equal)
+        "samples_per_epoch": None,  # cells drawn per epoch (None: the number of training cells)
+        "aug_intensity": 0.1,  # flips and 90-degree turns always; per-channel intensity jitter strength
+        "dropout": None,  # head dropout (None: the image model's)
+        "bn_momentum": 0.1,  # BatchNorm running-stats momentum (None: the arch's own)
+        "tta_flip": False,  # predict: average the softmax over the crop and its horizontal flip
+        "predict_batch_size": 256,
+        "loader_workers": 0,  # DataLoader workers (crops are small memmap rows: 0 is fastest on CPU)
+        "amp": "auto",  # auto: bf16 on CUDA, off on CPU | bf16 | off
         "channels_last": True,
-        "accumulate": 1,
+        "accumulate": 1,  # gradient accumulation steps
+        "grad_clip": None,  # clip the gradient norm to this value (None: off)
     },
     # ---------------------------------------------------------------- stage 06
     "predict": {
@@ -119,7 +128,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"image_size": 128, "epochs": 2, "batch_size": 8, "folds": 3},
         "cam": {"overlay_max_images": 4},
         "segment": {"work_size": 256},
-        "cell_model": {"crop_size": 48, "epochs": 1, "batch_size": 32},
+        "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32},
     },
     "default": {},  # bash run_all.sh on a fresh machine: synthetic data, ~20 min on 2 CPU cores
     "full": {  # real HPA scale on a GPU
@@ -127,7 +136,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"arch": "efficientnet-b3", "image_size": 768, "epochs": 20, "batch_size": 16, "lr": 5e-4},
         "cam": {"batch_size": 8},
         "segment": {"work_size": 1024},
-        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4},
+        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4, "loader_workers": 4,
+                       "tta_flip": True},
     },
 }
 

@@ -1,5 +1,7 @@
 """Cell model: labels (pseudo and oracle), targets, sampling weights, dataset, init, prediction, training."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,8 +9,21 @@ import torch
 
 import hpa.cell_model as cm
 from hpa.cell_crops import build_crop_cache
+from hpa.config import build_config, save_config
+from hpa.constants import CLASS_NAMES
+from hpa.data import FieldDataset
 from hpa.io import InputError, write_field, write_mask
 from hpa.models import build_model
+from hpa.train import fit, load_model, save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the 2 shared cores make OpenMP threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_soft_targets_uniform_over_classes():
@@ -82,25 +97,6 @@ def tiny_cache(tmp_path, n_images=2, crop_size=32):
     return build_crop_cache(data, masks, "train", ids, crop_size, 0.1, "dim", 0.25, tmp_path / "cache")
 
 
-def test_dataset_normalises_and_augments(tmp_path):
-    crops, index = tiny_cache(tmp_path)
-    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.25, 1.0]
-    t = cm.soft_targets([[1]] * len(index))
-    ds = cm.CellCropDataset(tmp_path / "cache" / "train_32.npy", index["row"].to_numpy(), mean, std, t)
-    x, y = ds[4]
-    assert x.shape == (4, 32, 32) and x.dtype == torch.float32 and y[1] == 1.0
-    expect = (crops[4].astype(np.float32) / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
-    np.testing.assert_allclose(x.numpy(), expect, rtol=1e-5, atol=1e-6)
-    import pickle
-    assert pickle.loads(pickle.dumps(ds))._crops is None  # workers reopen the memmap, no copy
-    aug = cm.CellCropDataset(crops, index["row"].to_numpy(), mean, std, t, augment=True)
-    torch.manual_seed(0)
-    variants = {tuple(aug[4][0].flatten()[:64].tolist()) for _ in range(40)}
-    assert 2 <= len(variants) <= 8  # flips and quarter turns of one crop (dihedral group, 8 elements)
-    xs = aug[4][0]
-    assert torch.allclose(torch.sort(xs.flatten())[0], torch.sort(x.flatten())[0])  # same pixels, moved
-
-
 def test_init_from_image_model_copies_backbone_and_replaces_head():
     torch.manual_seed(3)
     image_model = build_model("resnet18", num_classes=19, dropout=0.3, output_stride=16)
@@ -118,11 +114,134 @@ def test_init_from_image_model_copies_backbone_and_replaces_head():
     assert cm.model_output_stride(cell) == 32
 
 
-def test_predict_cells_one_row_per_cell_rows_sum_to_one(tmp_path):
+def test_field_dataset_serves_crops_and_soft_targets(tmp_path):
     crops, index = tiny_cache(tmp_path)
-    model = build_model("resnet18", output_stride=32)
-    probs = cm.predict_cells(model, crops, index, [0.2] * 4, [0.2] * 4, batch_size=4, tta_flip=True)
-    assert list(probs.columns) == ["ID", "cell_id"] + cm.PROB_COLS
-    assert len(probs) == len(index) == 6 and probs[["ID", "cell_id"]].equals(index[["ID", "cell_id"]])
-    np.testing.assert_allclose(probs[cm.PROB_COLS].to_numpy().sum(1), 1.0, atol=1e-5)
-    assert probs[cm.PROB_COLS].dtypes.eq(np.float32).all()
+    t = cm.soft_targets([[1], [2, 3]] * 3)
+    ds = FieldDataset(tmp_path / "cache" / "train_32.npy", index["row"].to_numpy()[::-1], t)
+    x, y = ds[0]
+    assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), crops[5]) and y[1] == 1.0
+    assert torch.allclose(ds[1][1][[2, 3]], torch.tensor([0.5, 0.5]))
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    """The shared loop (multiclass, soft targets, label smoothing, balanced sampling) learns crops."""
+    crops, index = tiny_cache(tmp_path, n_images=4)
+    labels = np.array([0 if (c == 1) else 18 for c in index["cell_id"]])  # cell 1 is class 0, the others Negative
+    x = np.asarray(crops).copy()
+    x[labels == 0, 1] = np.clip(x[labels == 0, 1].astype(int) + 120, 0, 255)  # class 0: bright green
+    np.save(tmp_path / "train.npy", x)
+    t = cm.soft_targets([[c] for c in labels])
+    w = cm.balanced_sample_weights(t, None, 0.5)
+    torch.manual_seed(0)
+    model = cm.cell_model_from_image_model(build_model("resnet18", output_stride=32), 32, dropout=0.0)
+    hist = fit(model, FieldDataset(tmp_path / "train.npy", np.arange(len(x)), t), None, tmp_path / "m",
+               task="multiclass", loss="ce", label_smoothing=0.1, epochs=6, batch_size=4, lr=1e-3, warmup_epochs=0,
+               sample_weights=w, samples_per_epoch=24, mean=[0.3] * 4, std=[0.3] * 4, progress=False)
+    losses = [h["train_loss"] for h in hist]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def image_checkpoint(path, arch="resnet18", output_stride=16):
+    """A stage-01-style ``model.pt`` (random weights) for the cell stage to start from."""
+    torch.manual_seed(7)
+    model = build_model(arch, output_stride=output_stride, image_size=64, dropout=0.2)
+    meta = {"arch": arch, "num_classes": 19, "in_channels": 4, "output_stride": output_stride, "dropout": 0.2,
+            "image_size": 64, "task": "multilabel", "class_names": list(CLASS_NAMES), "mean": [0.2, 0.3, 0.2, 0.25],
+            "std": [0.2, 0.25, 0.2, 0.2], "epochs": 1, "normalize": True}
+    save_checkpoint(path, {"model": model.state_dict(), "meta": meta, "history": [{"epoch": 1}]})
+    return model
+
+
+def make_run(tmp_path, n_train=6, n_test=2):
+    """A run with data, masks, splits, an image model, cycle-1 pseudo-labels and ground truth."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    rng = np.random.default_rng(2)
+    gt_rows, pl_rows = [], []
+    for split, n in (("train", n_train), ("test", n_test)):
+        ids = [f"{split}{k}" for k in range(n)]
+        for image_id in ids:
+            field = rng.integers(0, 30, (4, 64, 64), dtype=np.uint8)
+            mask = np.zeros((64, 64), np.int32)
+            mask[2:30, 2:30], mask[34:62, 2:30], mask[2:30, 34:62] = 1, 2, 3
+            field[1][mask == 1] += 150  # cell 1: class 4 (bright green), others Negative
+            write_field(data / split, image_id, field)
+            write_mask(run / "masks" / split / f"{image_id}_cellmask.png", mask)
+            write_mask(data / "gt" / f"{image_id}_cellmask.png", mask)
+            for cid in (1, 2, 3):
+                gt_rows.append({"ID": image_id, "cell_id": cid, "Label": "4|16" if cid == 1 else "18", "split": split})
+                if split == "train" and cid != 3:  # cell 3 left out of the pseudo-labels
+                    pl_rows.append({"ID": image_id, "cell_id": cid, "label": 4 if cid == 1 else 18, "weight": 1.0})
+        csv = pd.DataFrame({"ID": ids, "Label": ["4"] * n}) if split == "train" else pd.DataFrame({"ID": ids})
+        csv.to_csv(data / f"{split}.csv", index=False)
+    pd.DataFrame(gt_rows).to_csv(data / "gt" / "cell_labels.csv", index=False)
+    pd.DataFrame(pl_rows).to_parquet(tmp_path / "pl.parquet")
+    (run / "cycle1").mkdir(parents=True)
+    pd.DataFrame(pl_rows).to_parquet(run / "cycle1" / "pseudo_labels.parquet")
+    pd.DataFrame({"ID": [f"train{k}" for k in range(n_train)], "fold": [k % 3 for k in range(n_train)]}).to_csv(
+        run / "splits.csv", index=False)
+    image_model = image_checkpoint(run / "image_model" / "model.pt")
+    cfg = build_config("quick", overrides=["num_workers=0", "cell_model.epochs=2", "cell_model.batch_size=4",
+                                           "image_model.val_fold=0"])
+    cfg["data"] = str(data)
+    return run, cfg, image_model
+
+
+def test_cell_stage_trains_and_predicts_every_cell(tmp_path, capsys):
+    run, cfg, image_model = make_run(tmp_path)
+    written = cm.train_cell_stage(run, cfg, cycle=1, progress=False)
+    d = run / "cycle1"
+    assert written == {"model": d / "cell_model" / "model.pt", "probs_train": d / "cell_probs_train.parquet",
+                       "probs_test": d / "cell_probs_test.parquet"}
+    for name in ("model.pt", "last.pt", "metrics.csv", "val_predictions.csv"):
+        assert (d / "cell_model" / name).is_file(), name
+    metrics = pd.read_csv(d / "cell_model" / "metrics.csv")
+    assert len(metrics) == 2 and {"acc", "f1", "mAP", "val_loss", "train_loss"} <= set(metrics.columns)
+    val = pd.read_csv(d / "cell_model" / "val_predictions.csv")
+    assert set(val["ID"]) == {"train0", "train3"} and len(val) == 4  # val fold 0, labelled cells 1 and 2
+    model, meta = load_model(d / "cell_model" / "model.pt")
+    assert meta["task"] == "multiclass" and meta["arch"] == "resnet18" and meta["image_size"] == 32
+    assert meta["mean"] == [0.2, 0.3, 0.2, 0.25] and meta["output_stride"] == 32
+    for split, n in (("train", 6), ("test", 2)):
+        probs = pd.read_parquet(d / f"cell_probs_{split}.parquet")
+        assert list(probs.columns) == ["ID", "cell_id"] + cm.PROB_COLS
+        assert len(probs) == 3 * n and not probs.duplicated(["ID", "cell_id"]).any()  # every cell, once
+        assert set(probs["ID"]) == {f"{split}{k}" for k in range(n)} and set(probs["cell_id"]) == {1, 2, 3}
+        np.testing.assert_allclose(probs[cm.PROB_COLS].to_numpy().sum(1), 1.0, atol=1e-5)
+    # a re-run reuses everything: no retraining, no re-prediction
+    stamp = {p: p.stat().st_mtime_ns for p in written.values()}
+    cm.train_cell_stage(run, cfg, cycle=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in written.values()} == stamp
+    # the stage script: finished outputs are skipped; --cycle or --oracle is required
+    save_config(run, cfg)
+    stage = load_stage()
+    stage.main(["--run", str(run), "--cycle", "1"])
+    assert "use --force to redo" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in written.values()} == stamp
+    with pytest.raises(SystemExit):
+        stage.main(["--run", str(run)])
+    assert "give --cycle 1|2, or --oracle" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="run stage 04"):
+        stage.main(["--run", str(run), "--cycle", "2"])
+
+
+def load_stage():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "stages" / "05_train_cell.py"
+    spec = importlib.util.spec_from_file_location("stage05", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_oracle_stage_uses_true_labels_and_predicts_test_only(tmp_path):
+    run, cfg, _ = make_run(tmp_path, n_test=1)
+    written = cm.train_cell_stage(run, cfg, oracle=True, progress=False)
+    assert set(written) == {"model", "probs_test"} and not (run / "oracle" / "cell_probs_train.parquet").exists()
+    val = pd.read_csv(run / "oracle" / "cell_model" / "val_predictions.csv")
+    assert len(val) == 6  # every cell of the 2 validation images matched its true cell
+    y = val.set_index("cell_id")[[f"y{c}" for c in range(19)]]
+    assert y.loc[1, "y4"].tolist() == [0.5, 0.5] and y.loc[1, "y16"].tolist() == [0.5, 0.5]  # soft target 4|16
+    assert (y.loc[3, "y18"] == 1.0).all()
+    probs = pd.read_parquet(written["probs_test"])
+    assert len(probs) == 3 and np.allclose(probs[cm.PROB_COLS].sum(axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Stage 05: the cell-level single-label classifier, and its probabilities for every cell.
+
+Reads RUN/masks/{train,test} (stage 03), DATA/{train,test} fields, RUN/image_model/model.pt and
+RUN/splits.csv (stage 01), and RUN/cycle{k}/pseudo_labels.parquet (stage 04) -- or, with --oracle,
+the true cell labels of DATA/gt moved onto our cells by IoU >= 0.6 matching (the upper bound).
+Writes RUN/cell_cache/{split}_{S}.npy + .parquet (cell crops, reused by later runs) and
+RUN/cycle{k}/ (RUN/oracle/ with --oracle):
+  cell_model/  model.pt, last.pt, metrics.csv (val accuracy, macro-F1, mAP against the labels),
+               val_predictions.csv, curves.png
+  cell_probs_train.parquet, cell_probs_test.parquet   ID, cell_id, p0..p18 (softmax) for EVERY
+               cell (oracle: test only; test skipped when RUN/masks/test is missing)
+A re-run resumes training from last.pt; finished outputs are skipped unless --force.
+Settings: cell_model.* in hpa/config.py (crop_size, epochs, ...), e.g. cell_model.epochs=3.
+Multi-GPU: torchrun --nproc_per_node N stages/05_train_cell.py -- --run RUN --cycle 1
+"""
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpa.cell_model import outputs, train_cell_stage  # noqa: E402
+from hpa.config import ConfigError, add_common_args, resolve_device, setup_run  # noqa: E402
+from hpa.io import InputError  # noqa: E402
+from hpa.log import setup_logging  # noqa: E402
+from hpa.timing import stage_timer  # noqa: E402
+from hpa.train import init_distributed, is_main_process  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--cycle", type=int, choices=(1, 2), help="train on RUN/cycle{k}/pseudo_labels.parquet")
+    ap.add_argument("--oracle", action="store_true", help="train on the true cell labels (DATA/gt) -> RUN/oracle/")
+    ap.add_argument("--force", action="store_true", help="retrain and re-predict even if the outputs exist")
+    ap.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar (log lines only)")
+    args = ap.parse_args(argv)
+    if args.cycle is None and not args.oracle:
+        ap.error("give --cycle 1|2, or --oracle")
+    setup_logging()
+    try:
+        run(args)
+    except (ConfigError, InputError, FileNotFoundError) as exc:  # the message says what and where
+        sys.exit(f"05_train_cell: error: {exc}")
+
+
+def run(args):
+    cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
+    device = resolve_device(cfg["device"])
+    init_distributed(device)
+    name = "oracle" if args.oracle else f"cycle{args.cycle}"
+    wanted = outputs(args.run, args.cycle, args.oracle)
+    if not (Path(args.run) / "masks" / "test").is_dir():
+        wanted.pop("probs_test")
+    if not args.force and all(p.is_file() for p in wanted.values()):
+        print(f"{name} cell model and probabilities exist in {wanted['model'].parents[1]}; use --force to redo")
+        return
+    with stage_timer(args.run, f"05_train_cell_{name}") if is_main_process() else nullcontext():
+        written = train_cell_stage(args.run, cfg, args.cycle, args.oracle, device=device, force=args.force,
+                                   progress=not args.no_progress)
+    if is_main_process():
+        print(f"{name} cell model: " + ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()
