@@ -1,0 +1,147 @@
+"""Stage 01 library: the image-level multi-label classifier, from a data folder to ``RUN/image_model/``.
+
+:func:`train_image_model` wires :mod:`hpa.data` (folds, field cache, channel statistics),
+:mod:`hpa.augment`, :func:`hpa.models.build_model` and :func:`hpa.train.fit`:
+
+1. ``DATA/train.csv`` and the channel files are checked before any long work;
+2. multi-label stratified folds -> ``RUN/splits.csv`` (``ID,fold``), fold ``val_fold`` validates;
+3. every field is decoded once into ``RUN/cache/train_{S}.npy`` (uint8 ``(N, 4, S, S)``);
+4. per-channel mean/std of the training folds' cache rows;
+5. :func:`hpa.train.fit` with batch augmentation -> ``RUN/image_model/`` (``model.pt``, ``last.pt``,
+   ``metrics.csv``, ``val_predictions.csv``, ``thresholds.json``, ``curves.png``).
+
+Under torchrun, rank 0 makes the splits and the cache while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .augment import BatchAugment
+from .config import ConfigError
+from .constants import NUM_CLASSES
+from .data import FieldDataset, build_field_cache, cache_bad_ids, cache_path, channel_stats, load_or_make_splits
+from .fsutil import write_csv
+from .io import InputError, check_images_exist, channel_paths, list_split
+from .models import available_models, build_model
+from .train import barrier, dist_info, fit, init_distributed
+
+log = logging.getLogger(__name__)
+
+#: Keys of the ``image_model`` config section that :func:`train_image_model` understands.
+SETTINGS = ("arch", "pretrained", "image_size", "output_stride", "epochs", "batch_size", "lr", "weight_decay",
+            "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last", "accumulate", "folds", "val_fold",
+            "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum", "balance_power", "grad_clip")
+
+
+def image_model_dir(run: str | os.PathLike) -> Path:
+    """``RUN/image_model``: where stage 01 writes and later stages read ``model.pt``."""
+    return Path(run) / "image_model"
+
+
+def balanced_image_weights(labels: np.ndarray, power: float) -> np.ndarray | None:
+    """Sampling weight per image: ``max`` over its classes of ``count_c ** -power`` (None when power is 0).
+
+    ``labels``: multi-hot (N, K). power 0.5 draws a class seen 4x less often about 2x more often.
+    """
+    if power <= 0:
+        return None
+    counts = np.maximum(labels.sum(0), 1).astype(np.float64)
+    w = (labels * counts[None, :] ** -float(power)).max(1)
+    return np.where(w > 0, w, counts.min() ** -float(power))
+
+
+def _usable_ids(folder: Path, ids: list[str], on_bad_image: str) -> tuple[list[str], dict[str, str]]:
+    """Check channel files up front: raise (error) or return the IDs that have all four (skip)."""
+    if on_bad_image == "error":
+        check_images_exist(folder, ids)
+        return ids, {}
+    bad = {}
+    for i in ids:
+        try:
+            channel_paths(folder, i)
+        except InputError as exc:
+            bad[i] = str(exc)
+    return [i for i in ids if i not in bad], bad
+
+
+def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, settings: dict, *, seed: int = 0,
+                      device: str = "cpu", num_workers: int = 0, on_bad_image: str = "error",
+                      force: bool = False, progress: bool = True) -> list[dict]:
+    """Train (or resume, or skip when finished) the image model of ``run`` on ``data_dir``'s train split.
+
+    Args:
+        run: run directory; outputs go to ``RUN/splits.csv``, ``RUN/cache/``, ``RUN/image_model/``.
+        data_dir: Kaggle-layout folder with ``train.csv`` and ``train/``.
+        settings: the ``image_model`` config section (keys :data:`SETTINGS`).
+        seed: folds, initialisation, sampling and augmentation.
+        device: ``cpu`` / ``cuda`` (``auto`` already resolved). num_workers: cache decoding
+            processes and DataLoader workers. on_bad_image: ``error`` | ``skip`` (skipped images
+            are listed in ``RUN/image_model/skipped.csv``). force: retrain from scratch.
+    Returns:
+        the per-epoch history of :func:`hpa.train.fit`.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown image_model setting(s) {unknown}; valid: {list(SETTINGS)}")
+    s = dict(settings)
+    if s["arch"] not in available_models():
+        raise ConfigError(f"unknown model {s['arch']!r}; available models: {', '.join(available_models())}")
+    run, data_dir = Path(run), Path(data_dir)
+    rank, world = init_distributed(device)
+    ids, labels = list_split(data_dir, "train")
+    folder = data_dir / "train"
+    if not folder.is_dir():
+        raise InputError(f"{data_dir}: train.csv lists {len(ids)} images but the folder {folder} does not exist")
+    ids_ok, bad = _usable_ids(folder, ids, on_bad_image)
+    size = int(s["image_size"])
+    cpath = cache_path(run, "train", size)
+    if rank == 0:
+        load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
+        build_field_cache(data_dir, "train", ids_ok, size, cpath,
+                          workers=num_workers, on_bad_image=on_bad_image)
+    barrier()
+    folds = load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
+    keep = np.isin(ids, ids_ok)
+    ids, labels, folds = [i for i, k in zip(ids, keep) if k], labels[keep], folds[keep]
+    cache = np.load(cpath, mmap_mode="r")
+    bad.update(cache_bad_ids(cpath))
+    rows = np.arange(len(ids))
+    good = ~np.isin(ids, list(bad))
+    out_dir = image_model_dir(run)
+    if bad and rank == 0:
+        log.warning("%d training image(s) left out (on_bad_image=skip): see %s", len(bad), out_dir / "skipped.csv")
+        write_csv(out_dir / "skipped.csv", pd.DataFrame({"ID": list(bad), "reason": list(bad.values())}))
+    val_fold = int(s["val_fold"])
+    if not 0 <= val_fold < int(s["folds"]):
+        raise ConfigError(f"val_fold must lie in 0..{int(s['folds']) - 1}, got {val_fold}")
+    tr, va = rows[good & (folds != val_fold)], rows[good & (folds == val_fold)]
+    if len(tr) == 0 or len(va) == 0:
+        raise InputError(f"{len(tr)} training and {len(va)} validation images: need at least one of each")
+    mean, std = channel_stats(cache, tr)
+    log.info("%d training, %d validation images (fold %d); channel mean %s std %s", len(tr), len(va), val_fold,
+             np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+
+    torch.manual_seed(seed)
+    model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
+                        int(s["output_stride"]), s.get("bn_momentum"))
+    y = labels.astype(np.float32)
+    augment = BatchAugment(flips=True, rot90=True, crop_scale=tuple(s["aug_crop_scale"]),
+                           intensity=float(s["aug_intensity"]))
+    return fit(model, FieldDataset(cpath, tr, y[tr]), FieldDataset(cpath, va, y[va]), out_dir,
+               task="multilabel", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+               weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]), loss=s["loss"],
+               focal_gamma=float(s["focal_gamma"]),
+               sample_weights=balanced_image_weights(labels[tr], float(s.get("balance_power", 0.0))),
+               mean=mean, std=std, augment=augment, amp=s["amp"], channels_last=bool(s["channels_last"]),
+               accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), num_workers=num_workers, seed=seed,
+               device=device, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), force=force, progress=progress,
+               extra_meta={"val_fold": val_fold, "folds": int(s["folds"]), "data": str(data_dir.resolve()),
+                           "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
+                           "world_size": world})
