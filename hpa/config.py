@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,
         "lr": 2.0e-3,  # peak learning rate of AdamW (after warm-up)
         "weight_decay": 1.0e-2,
-        "warmup_epochs": 1.0,  # linear warm-up length, then cosine decay to 0
+        "warmup_epochs": 1.0,  # linear warm-up length (epochs), then cosine decay to 1% of lr
         "loss": "bce",  # bce | focal
         "focal_gamma": 2.0,
         "amp": "auto",  # auto: bf16 on CUDA, off on CPU | bf16 | off
@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
         "aug_crop_scale": [0.6, 1.0],  # random resized crop area range (1.0 disables)
         "aug_intensity": 0.2,  # per-channel brightness/contrast/gamma jitter strength (0 disables)
         "dropout": 0.2,
+        "bn_momentum": 0.1,  # BatchNorm running-stats momentum (None: the arch's own, 0.01 for EfficientNet)
+        "balance_power": 0.0,  # class-balanced sampling: image weight max_c count_c^-power (0: uniform)
+        "grad_clip": None,  # clip the gradient norm to this value (None: off)
     },
     # ---------------------------------------------------------------- stage 02
     "cam": {

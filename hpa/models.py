@@ -194,12 +194,15 @@ def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
 
 def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
                 pretrained: str | os.PathLike | None = None, image_size: int | None = None,
-                output_stride: int = 32) -> HPANet:
+                output_stride: int = 32, bn_momentum: float | None = None) -> HPANet:
     """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
 
     ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
     full resolution, so the feature map (and the CAM) of a 256-px input is 16x16, not 8x8.
     The parameters are the same either way, so pretrained weights load into both.
+    ``bn_momentum`` (None: the architecture's own; EfficientNet's is 0.01, tuned for long
+    ImageNet runs) sets every BatchNorm's running-statistics momentum: 0.1 lets a short
+    training from scratch validate with settled statistics. It does not change the weights.
     """
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
@@ -210,6 +213,10 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
     else:
         raise ValueError(f"unknown model {arch!r}; available models: {', '.join(available_models())}")
     model = HPANet(backbone, nf, num_classes, dropout, arch)
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = float(bn_momentum)
     if pretrained:
         load_pretrained_backbone(model, pretrained)
     return model
