@@ -55,12 +55,13 @@ DEFAULTS: dict[str, Any] = {
     },
     # ---------------------------------------------------------------- stage 02
     "cam": {
-        "method": "cam",  # cam (exact, one pass for all classes) | gradcam | gradcam++ | xgradcam | ...
-        "batch_size": 16,
-        "tta_flip": False,  # average CAMs over horizontal/vertical flips
-        "test_prob_floor": 0.0,  # test split: store CAMs of classes with probability >= floor (0: all 19)
-        "overlay_max_images": 200,  # overlays drawn for at most this many images per split
+        "method": "cam",  # cam (exact, one pass for all classes) | gradcam | gradcam++ | xgradcam | ... (hpa.cam.METHODS)
+        "batch_size": 16,  # images per forward pass
+        "tta_flip": False,  # average CAMs (and logits) over the field, its horizontal and its vertical flip
+        "test_prob_floor": 0.0,  # test split: store CAMs of classes with probability >= floor (0: all 19); train: labels
+        "overlay_max_images": 200,  # overlays drawn for at most this many images per split (the first ones)
         "overlay_size": 512,  # longest side of overlay panels in pixels
+        "overlay_top_k": 3,  # test overlays: panels for this many most probable classes
     },
     # ---------------------------------------------------------------- stage 03
     "segment": {
