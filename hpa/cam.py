@@ -1,0 +1,444 @@
+"""Class activation maps (CAMs): methods by name, batched computation, storage, upsampling.
+
+Methods (:func:`available_methods`):
+
+- ``cam`` (default): the exact CAM of a global-average-pooling + linear head. One forward
+  pass (:meth:`hpa.models.HPANet.forward_with_cams`) gives the maps of all classes:
+  ``cam_k(y, x) = head.weight[k] . F(y, x) + head.bias[k]``, a *local logit*:
+  its spatial mean is the class logit exactly, and ``sigmoid(cam_k)`` is the probability the
+  head would give a field that looked everywhere like location (y, x).
+- every other name runs a method of the ``grad-cam`` package (pytorch-grad-cam) on the
+  backbone's output (:func:`cam_target_layer`): ``gradcam``, ``gradcam++``, ``xgradcam``,
+  ``layercam``, ``eigencam``, ``scorecam``, ... One class at a time over the whole batch.
+  For this head Grad-CAM equals ``(cam_k - bias_k) / (h * w)``: the same map up to the bias
+  and a positive factor, at 19 times the cost.
+
+The grad-cam wrapper (:func:`compute_cams`) keeps raw magnitudes and every map: grad-cam's
+``__call__`` min-max normalises each map and resizes it to the input (its ``scale_cam_image``
+step, issue #267), and pairs targets with images one to one, silently returning fewer maps
+when a batch has fewer targets than images (#328). Here the method's own ``get_cam_image``
+(which holds its ``get_cam_weights``) is called directly on the target layer's activations
+and gradients, per class with one explicit target per image, inside a context that
+releases grad-cam's hooks (it leaks memory otherwise) without swallowing errors (its
+``__exit__`` swallows ``IndexError``); the count of maps is asserted. One forward pass
+serves all classes; each class costs one backward pass through the head only.
+
+Normalisation (:func:`normalize_cams`), documented once for every later stage: raw map
+-> ReLU -> divided by its own maximum (per image and class) -> float32 in [0, 1]; a map
+with no positive value stays 0. Optionally times the image-level probability of the class.
+
+Storage (:func:`save_cam`, :func:`load_cam`): one ``.npz`` per image with the raw maps of
+the selected classes as float16 at feature-map resolution ``(K_sel, h, w)``, their class
+indices, and the image's 19 probabilities and logits.
+
+Geometry (:func:`upsample_cam`): the model saw the whole field resized (squashed when not
+square) to ``S x S``; feature cell ``(i, j)`` of an ``h x w`` grid covers rows
+``[i H / h, (i + 1) H / h)`` and columns ``[j W / w, (j + 1) W / w)`` of the original
+``H x W`` field. Bilinear upsampling with half-pixel centres maps each cell's value to the
+centre of that box, independently in y and x, so non-square fields come out right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from .constants import NUM_CLASSES
+from .fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: CAM methods by name: ``cam`` is ours (exact, one pass); the others are grad-cam classes.
+METHODS: dict[str, str | None] = {
+    "cam": None,
+    "gradcam": "GradCAM",
+    "hirescam": "HiResCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+    "randomcam": "RandomCAM",
+}
+
+#: Keys of a stored CAM file.
+NPZ_KEYS = ("cams", "classes", "probs", "logits", "method", "input_size")
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`compute_cams` (``cam`` first)."""
+    return list(METHODS)
+
+
+def check_method(name: str) -> str:
+    """Return ``name`` if it is a known method; otherwise raise listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown CAM method {name!r}; valid methods: {', '.join(available_methods())}")
+    return name
+
+
+def cam_target_layer(model: nn.Module) -> nn.Module:
+    """The layer whose output is the last feature map: ``model.backbone`` of an HPANet.
+
+    Its output is exactly what the pooling + linear head sees (for a ResNet it is the
+    output of the last block, ``layer4``; for an EfficientNet the head convolution after
+    the last block), so Grad-CAM on it is comparable with the exact CAM.
+    """
+    layer = getattr(model, "backbone", None)
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"expected an hpa.models.HPANet (a model with a .backbone module), got {type(model).__name__}; "
+                        "pass target_layer explicitly")
+    return layer
+
+
+# --------------------------------------------------------------------------- computation
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@contextlib.contextmanager
+def _released(cam_object) -> Iterator:
+    """Like grad-cam's own ``with`` block (hooks released at the end) but errors propagate."""
+    try:
+        yield cam_object
+    finally:
+        cam_object.activations_and_grads.release()
+
+
+def _check_batch(x: torch.Tensor, model: nn.Module) -> None:
+    if not torch.is_tensor(x) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected a float (B, C, H, W) tensor (normalised fields), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    probe = next(model.parameters(), None)
+    if probe is not None and probe.device != x.device:
+        raise ValueError(f"batch is on {x.device} but the model is on {probe.device}")
+
+
+def _native(model: nn.Module, x: torch.Tensor, classes: list[int], autocast: torch.dtype | None):
+    if not hasattr(model, "forward_with_cams"):
+        raise TypeError(f"method 'cam' needs a model with forward_with_cams (hpa.models.HPANet), got "
+                        f"{type(model).__name__}; use a grad-cam method such as 'gradcam'")
+    ctx = (torch.autocast(device_type=x.device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        logits, cams = model.forward_with_cams(x)
+    return logits.float(), cams[:, classes].float()
+
+
+def _gradcam_family(model: nn.Module, x: torch.Tensor, classes: list[int], method: str, layer: nn.Module):
+    try:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as exc:
+        raise ImportError(f"CAM method {method!r} needs the grad-cam package: pip install grad-cam ({exc})") from exc
+    cls = getattr(pytorch_grad_cam, METHODS[method])
+    b = x.shape[0]
+    live: dict[str, torch.Tensor] = {}
+    hook = layer.register_forward_hook(lambda _m, _i, out: live.__setitem__("out", out))
+    try:
+        with _released(cls(model=model, target_layers=[layer])) as engine, torch.enable_grad():
+            xg = x.detach().requires_grad_(True)  # the layer output needs a graph even with frozen weights
+            logits = engine.activations_and_grads(xg)
+            if "out" not in live or not torch.is_tensor(live["out"]) or live["out"].ndim != 4:
+                raise RuntimeError(f"target layer {type(layer).__name__} gave no (B, C, h, w) output")
+            out = live["out"]
+            acts = out.detach().float().cpu().numpy()
+            maps = []
+            for n, k in enumerate(classes):
+                targets = [ClassifierOutputTarget(int(k)) for _ in range(b)]  # one explicit target per image
+                grads = None
+                if engine.uses_gradients:
+                    score = sum(t(o) for t, o in zip(targets, logits))
+                    grads = torch.autograd.grad(score, out, retain_graph=n < len(classes) - 1)[0]
+                    grads = grads.detach().float().cpu().numpy()
+                raw = engine.get_cam_image(xg.detach(), layer, targets, acts, grads, False)
+                engine.activations_and_grads.clear()  # score/ablation methods run the model again
+                raw = np.asarray(raw, np.float32)
+                if raw.shape != (b,) + acts.shape[2:]:
+                    raise RuntimeError(f"grad-cam {METHODS[method]} returned maps of shape {raw.shape} for class {k}; "
+                                       f"expected {b} maps of {acts.shape[2:]}")
+                maps.append(raw)
+    finally:
+        hook.remove()
+    cams = np.stack(maps, 1) if maps else np.zeros((b, 0) + acts.shape[2:], np.float32)
+    return logits.detach().float(), torch.from_numpy(cams).to(x.device)
+
+
+def _one_view(model, x, classes, method, layer, autocast):
+    if method == "cam":
+        return _native(model, x, classes, autocast)
+    return _gradcam_family(model, x, classes, method, layer)
+
+
+#: (transform of the input, inverse transform of a (B, K, h, w) map) for flip TTA.
+_FLIPS = ((lambda t: t, lambda t: t), (lambda t: t.flip(-1), lambda t: t.flip(-1)),
+          (lambda t: t.flip(-2), lambda t: t.flip(-2)))
+
+
+def compute_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", classes: Sequence[int] | None = None,
+                 tta_flip: bool = False, target_layer: nn.Module | None = None,
+                 autocast: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and raw (un-normalised) CAMs of a batch.
+
+    Args:
+        model: an :class:`hpa.models.HPANet` (any model for grad-cam methods, with
+            ``target_layer``); put in eval mode for the call, its mode restored after.
+        x: float32 ``(B, C, S, S)`` normalised fields on the model's device.
+        method: a name of :func:`available_methods`.
+        classes: class indices whose maps are returned (default: all K, in order).
+        tta_flip: average logits and maps over the input, its horizontal and its vertical
+            flip (maps flipped back before averaging).
+        target_layer: grad-cam methods: the layer to explain (default :func:`cam_target_layer`).
+        autocast: ``cam`` method on CUDA: e.g. ``torch.bfloat16`` (None: float32).
+    Returns:
+        ``(logits, cams)``: float32 ``(B, K)`` and float32 ``(B, len(classes), h, w)`` raw
+        maps (``cam``: local logits, any sign; grad-cam methods: the method's map before its
+        ReLU and min-max step). For ``cam`` without TTA, ``cams.mean((2, 3)) == logits``.
+    """
+    check_method(method)
+    _check_batch(x, model)
+    k_all = None
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        k_all = head.out_features
+    if classes is None:
+        if k_all is None:
+            raise ValueError("give classes explicitly for a model without a linear .head")
+        classes = list(range(k_all))
+    classes = [int(c) for c in classes]
+    if k_all is not None and any(not 0 <= c < k_all for c in classes):
+        raise ValueError(f"classes must lie in 0..{k_all - 1}, got {classes}")
+    layer = None if method == "cam" else (target_layer or cam_target_layer(model))
+    views = _FLIPS if tta_flip else _FLIPS[:1]
+    logits_sum = cams_sum = None
+    with _eval_mode(model):
+        for fwd, inv in views:
+            logits, cams = _one_view(model, fwd(x), classes, method, layer, autocast)
+            cams = inv(cams)
+            logits_sum = logits if logits_sum is None else logits_sum + logits
+            cams_sum = cams if cams_sum is None else cams_sum + cams
+    n = float(len(views))
+    return (logits_sum / n).cpu().numpy().astype(np.float32), (cams_sum / n).cpu().numpy().astype(np.float32)
+
+
+@dataclass
+class ImageCams:
+    """CAMs of one image: ``logits``/``probs`` float32 (K,), ``classes`` int64 (K_sel,),
+    ``cams`` float32 raw maps (K_sel, h, w) of those classes."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    classes: np.ndarray
+    cams: np.ndarray
+
+
+def select_classes(probs: np.ndarray, labels: Sequence[int] | None = None, prob_floor: float = 0.0) -> list[int]:
+    """Classes whose maps are kept for one image.
+
+    Train images (``labels`` given): exactly their labels (sorted, duplicates removed).
+    Test images (``labels`` None): every class with ``probs[c] >= prob_floor`` (floor 0:
+    all K classes).
+    """
+    if labels is not None:
+        return sorted({int(c) for c in labels})
+    return [int(c) for c in np.flatnonzero(np.asarray(probs) >= prob_floor)]
+
+
+def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: Sequence[Sequence[int]] | None = None,
+               prob_floor: float = 0.0, tta_flip: bool = False, target_layer: nn.Module | None = None,
+               autocast: torch.dtype | None = None) -> list[ImageCams]:
+    """:func:`compute_cams` with per-image class selection (:func:`select_classes`).
+
+    Args:
+        x: float32 ``(B, C, S, S)`` normalised batch on the model's device.
+        labels: train: one list of class indices per image; test: None (all classes, or
+            those with probability >= ``prob_floor``).
+    Returns:
+        B :class:`ImageCams`. ``cam`` computes all classes in one pass and keeps the selected
+        ones; grad-cam methods compute only the union of the batch's selected classes.
+    """
+    if labels is not None and len(labels) != x.shape[0]:
+        raise ValueError(f"labels: expected {x.shape[0]} lists (one per image), got {len(labels)}")
+    wanted = None
+    if method != "cam":
+        if labels is not None:
+            wanted = sorted({int(c) for lab in labels for c in lab})
+        elif prob_floor > 0:
+            with torch.inference_mode(), _eval_mode(model):
+                views = _FLIPS if tta_flip else _FLIPS[:1]
+                pre = torch.stack([model(f(x)).float() for f, _ in views]).mean(0)
+            pre_probs = torch.sigmoid(pre).cpu().numpy()
+            wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor)})
+    logits, cams = compute_cams(model, x, method, wanted, tta_flip, target_layer, autocast)
+    columns = list(range(logits.shape[1])) if wanted is None else wanted
+    col_of = {c: i for i, c in enumerate(columns)}
+    out = []
+    for b in range(x.shape[0]):
+        probs = 1.0 / (1.0 + np.exp(-logits[b].astype(np.float64)))
+        sel = select_classes(probs, None if labels is None else labels[b], prob_floor)
+        sel = [c for c in sel if c in col_of]
+        out.append(ImageCams(logits[b], probs.astype(np.float32), np.asarray(sel, np.int64),
+                             cams[b, [col_of[c] for c in sel]] if sel else np.zeros((0,) + cams.shape[2:], np.float32)))
+    return out
+
+
+# --------------------------------------------------------------------------- normalisation
+def normalize_cams(cams: np.ndarray, scale: np.ndarray | Sequence[float] | None = None) -> np.ndarray:
+    """Raw maps ``(..., h, w)`` -> ReLU -> divided by each map's maximum -> float32 in [0, 1].
+
+    Each map (per image and class) is divided by its own maximum, so its peak is 1 and
+    its zero is the raw zero (for ``cam``: local logit 0, local probability 0.5). A map with
+    no positive value is all 0. ``scale``: optional multipliers ``(...,)`` in [0, 1], one per
+    map (for example the image-level probabilities of the maps' classes), applied last.
+    """
+    cams = np.asarray(cams, np.float32)
+    if cams.ndim < 2:
+        raise ValueError(f"expected maps of shape (..., h, w), got {cams.shape}")
+    pos = np.maximum(cams, 0.0)
+    peak = pos.max(axis=(-2, -1), keepdims=True) if pos.size else np.zeros(cams.shape[:-2] + (1, 1), np.float32)
+    out = np.divide(pos, peak, out=np.zeros_like(pos), where=peak > 0)
+    if scale is not None:
+        scale = np.asarray(scale, np.float32)
+        if scale.shape != cams.shape[:-2]:
+            raise ValueError(f"scale must have shape {cams.shape[:-2]} (one value per map), got {scale.shape}")
+        if scale.size and (scale.min() < 0 or scale.max() > 1):
+            raise ValueError(f"scale values must lie in [0, 1], got {scale.min():.3g}..{scale.max():.3g}")
+        out = out * scale[..., None, None]
+    return out
+
+
+# --------------------------------------------------------------------------- geometry
+def upsample_cam(cam: np.ndarray, out_hw: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """Map CAMs from the feature grid onto a field of ``out_hw = (H, W)`` pixels.
+
+    Args:
+        cam: ``(K, h, w)`` (or ``(h, w)``) maps over the model's square input, which was the
+            whole field resized to ``S x S``.
+        out_hw: the ORIGINAL field's ``(H, W)`` (any aspect) or any other size of it.
+        mode: ``bilinear`` (half-pixel centres: cell ``(i, j)``'s value lands on the centre of
+            rows ``[i H/h, (i+1) H/h)``, columns ``[j W/w, (j+1) W/w)``) or ``nearest``
+            (each cell fills that box).
+    Returns:
+        float32 ``(K, H, W)`` (or ``(H, W)``), the same values range as the input.
+    """
+    cam = np.asarray(cam, np.float32)
+    squeeze = cam.ndim == 2
+    if squeeze:
+        cam = cam[None]
+    if cam.ndim != 3:
+        raise ValueError(f"expected (K, h, w) or (h, w) maps, got shape {cam.shape}")
+    h_out, w_out = (int(v) for v in out_hw)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"out_hw must be positive, got {out_hw}")
+    interp = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}.get(mode)
+    if interp is None:
+        raise ValueError(f"unknown mode {mode!r}; valid: bilinear, nearest")
+    k = cam.shape[0]
+    if k == 0:
+        out = np.zeros((0, h_out, w_out), np.float32)
+    else:
+        out = np.empty((k, h_out, w_out), np.float32)
+        for start in range(0, k, 4):  # cv2 resizes up to 4 channels per call without surprises
+            chunk = np.ascontiguousarray(cam[start:start + 4].transpose(1, 2, 0))
+            res = cv2.resize(chunk, (w_out, h_out), interpolation=interp)
+            out[start:start + 4] = res.reshape(h_out, w_out, -1).transpose(2, 0, 1)
+    return out[0] if squeeze else out
+
+
+# --------------------------------------------------------------------------- storage
+@dataclass(frozen=True)
+class CamRecord:
+    """One stored image: ``cams`` float32 raw maps ``(K_sel, h, w)`` (stored as float16),
+    ``classes`` int64 ``(K_sel,)``, ``probs`` float32 ``(19,)`` in [0, 1], ``logits`` float32
+    ``(19,)``, the ``method`` name and the model's ``input_size`` S."""
+
+    cams: np.ndarray
+    classes: np.ndarray
+    probs: np.ndarray
+    logits: np.ndarray
+    method: str
+    input_size: int
+
+    def normalized(self, times_prob: bool = False) -> np.ndarray:
+        """:func:`normalize_cams` of the stored maps, optionally times each class's probability."""
+        return normalize_cams(self.cams, self.probs[self.classes] if times_prob else None)
+
+    def cam_of(self, c: int) -> np.ndarray:
+        """The raw map ``(h, w)`` of class ``c``; KeyError if it was not stored."""
+        hits = np.flatnonzero(self.classes == int(c))
+        if not hits.size:
+            raise KeyError(f"no CAM stored for class {c}; stored classes: {self.classes.tolist()}")
+        return self.cams[hits[0]]
+
+
+def save_cam(path: str | os.PathLike, cams: np.ndarray, classes: Sequence[int], probs: np.ndarray,
+             logits: np.ndarray, method: str = "cam", input_size: int = 0) -> Path:
+    """Write one image's CAMs atomically as ``.npz``.
+
+    Args:
+        cams: raw maps ``(K_sel, h, w)``, stored as float16 (values beyond +-65504 are clipped).
+        classes: ``K_sel`` distinct class indices in 0..18. probs, logits: ``(19,)``.
+    """
+    path = Path(path)
+    cams = np.asarray(cams, np.float32)
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    probs = np.asarray(probs, np.float32).reshape(-1)
+    logits = np.asarray(logits, np.float32).reshape(-1)
+    if cams.ndim != 3 or cams.shape[0] != classes.size:
+        raise ValueError(f"{path.name}: cams must be (K_sel, h, w) with K_sel = {classes.size} classes, got {cams.shape}")
+    if len(set(classes.tolist())) != classes.size or (classes.size and not (0 <= classes.min() and classes.max() < NUM_CLASSES)):
+        raise ValueError(f"{path.name}: classes must be distinct indices in 0..{NUM_CLASSES - 1}, got {classes.tolist()}")
+    if probs.shape != (NUM_CLASSES,) or logits.shape != (NUM_CLASSES,):
+        raise ValueError(f"{path.name}: probs and logits must have {NUM_CLASSES} values, got {probs.shape}, {logits.shape}")
+    if not (np.isfinite(cams).all() and np.isfinite(logits).all()):
+        raise ValueError(f"{path.name}: CAMs or logits are not finite (NaN/inf): is the model diverged?")
+    if probs.min() < 0 or probs.max() > 1:
+        raise ValueError(f"{path.name}: probabilities must lie in [0, 1]")
+    with atomic_path(path) as tmp:
+        np.savez(tmp, cams=np.clip(cams, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16), classes=classes,
+                 probs=probs, logits=logits, method=np.array(method), input_size=np.array(int(input_size)))
+    return path
+
+
+def load_cam(path: str | os.PathLike) -> CamRecord:
+    """Read a file written by :func:`save_cam`; errors name the file and what is wrong."""
+    from .io import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: CAM file not found (run stage 02 for this split: stages/02_cam.py)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise InputError(f"{path}: not a CAM file of stage 02 (missing {missing})")
+            rec = CamRecord(z["cams"].astype(np.float32), z["classes"].astype(np.int64), z["probs"].astype(np.float32),
+                            z["logits"].astype(np.float32), str(z["method"]), int(z["input_size"]))
+    except InputError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise InputError(f"{path}: cannot read CAM file ({type(exc).__name__}: {exc})") from None
+    if rec.cams.ndim != 3 or rec.cams.shape[0] != rec.classes.size or rec.probs.shape != (NUM_CLASSES,):
+        raise InputError(f"{path}: inconsistent CAM file (cams {rec.cams.shape}, classes {rec.classes.shape}, "
+                         f"probs {rec.probs.shape})")
+    return rec
