@@ -157,8 +157,9 @@ def render_overlay(field: np.ndarray, rec: CamRecord, labels: Sequence[int] | No
         heat = upsample_cam(normalize_cams(raw), (ph, pw))
         peak_name = "peak logit" if rec.method == "cam" else "peak"
         for c, r, hm in zip(shown, raw, heat):
+            note = "" if r.max() > 0 else "   (no positive value: map empty)"
             panels.append(_titled(outline(heat_over(grey, hm)),
-                                  [f"{c}: {names[c]}", f"p={rec.probs[c]:.2f}   {peak_name} {float(r.max()):+.2f}"]))
+                                  [f"{c}: {names[c]}", f"p={rec.probs[c]:.2f}   {peak_name} {float(r.max()):+.2f}{note}"]))
     else:
         blank = np.full((ph, pw, 3), _BG, np.uint8)
         panels.append(_titled(blank, ["no CAM stored", "test_prob_floor left no class"]))
