@@ -2,16 +2,19 @@
 
 Methods (:func:`available_methods`):
 
-- ``cam`` (default): the exact CAM of a global-average-pooling + linear head. One forward
-  pass (:meth:`hpa.models.HPANet.forward_with_cams`) gives the maps of all classes:
-  ``cam_k(y, x) = head.weight[k] . F(y, x) + head.bias[k]``, a *local logit*:
-  its spatial mean is the class logit exactly, and ``sigmoid(cam_k)`` is the probability the
-  head would give a field that looked everywhere like location (y, x).
+- ``cam`` (default): the class activation map of Zhou et al. (2016) for a global-average-
+  pooling + linear head, exact. One forward pass
+  (:meth:`hpa.models.HPANet.forward_with_cams`) gives the maps of all classes:
+  ``cam_k(y, x) = head.weight[k] . F(y, x)``, so that ``mean(cam_k) + head.bias[k]`` is the
+  class logit exactly. The bias is kept apart (stored as ``bias``): it holds the class prior
+  (stage 01 initialises it to the log-odds of the class frequency), and adding it before the
+  ReLU would empty the maps of every labelled class the model is unsure of.
+  ``cam_k + bias_k`` is a *local logit* for those who want one.
 - every other name runs a method of the ``grad-cam`` package (pytorch-grad-cam) on the
   backbone's output (:func:`cam_target_layer`): ``gradcam``, ``gradcam++``, ``xgradcam``,
   ``layercam``, ``eigencam``, ``scorecam``, ... One class at a time over the whole batch.
-  For this head Grad-CAM equals ``(cam_k - bias_k) / (h * w)``: the same map up to the bias
-  and a positive factor, at 19 times the cost.
+  For this head Grad-CAM equals ``cam_k / (h * w)``: the same map up to a positive factor,
+  at 19 times the cost.
 
 The grad-cam wrapper (:func:`compute_cams`) keeps raw magnitudes and every map: grad-cam's
 ``__call__`` min-max normalises each map and resizes it to the input (its ``scale_cam_image``
@@ -29,7 +32,7 @@ with no positive value stays 0. Optionally times the image-level probability of 
 
 Storage (:func:`save_cam`, :func:`load_cam`): one ``.npz`` per image with the raw maps of
 the selected classes as float16 at feature-map resolution ``(K_sel, h, w)``, their class
-indices, and the image's 19 probabilities and logits.
+indices, and the image's 19 probabilities, logits and head biases.
 
 Geometry (:func:`upsample_cam`): the model saw the whole field resized (squashed when not
 square) to ``S x S``; feature cell ``(i, j)`` of an ``h x w`` grid covers rows
@@ -74,7 +77,7 @@ METHODS: dict[str, str | None] = {
 }
 
 #: Keys of a stored CAM file.
-NPZ_KEYS = ("cams", "classes", "probs", "logits", "method", "input_size")
+NPZ_KEYS = ("cams", "classes", "probs", "logits", "bias", "method", "input_size")
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -89,6 +92,16 @@ def check_method(name: str) -> str:
     if name not in METHODS:
         raise ValueError(f"unknown CAM method {name!r}; valid methods: {', '.join(available_methods())}")
     return name
+
+
+def head_bias(model: nn.Module) -> np.ndarray:
+    """float32 ``(K,)``: the bias of the model's linear ``head`` (zeros when it has none)."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        if head.bias is None:
+            return np.zeros(head.out_features, np.float32)
+        return head.bias.detach().float().cpu().numpy()
+    raise TypeError(f"expected a model with a linear .head (hpa.models.HPANet), got {type(model).__name__}")
 
 
 def cam_target_layer(model: nn.Module) -> nn.Module:
@@ -142,7 +155,10 @@ def _native(model: nn.Module, x: torch.Tensor, classes: list[int], autocast: tor
            else contextlib.nullcontext())
     with torch.inference_mode(), ctx:
         logits, cams = model.forward_with_cams(x)
-    return logits.float(), cams[:, classes].float()
+        if model.head.bias is not None:
+            cams = cams - model.head.bias[None, :, None, None]  # W . F: the bias is kept apart
+        cams = cams[:, classes].float()
+    return logits.float(), cams
 
 
 def _gradcam_family(model: nn.Module, x: torch.Tensor, classes: list[int], method: str, layer: nn.Module):
@@ -212,8 +228,9 @@ def compute_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", classes
         autocast: ``cam`` method on CUDA: e.g. ``torch.bfloat16`` (None: float32).
     Returns:
         ``(logits, cams)``: float32 ``(B, K)`` and float32 ``(B, len(classes), h, w)`` raw
-        maps (``cam``: local logits, any sign; grad-cam methods: the method's map before its
-        ReLU and min-max step). For ``cam`` without TTA, ``cams.mean((2, 3)) == logits``.
+        maps (``cam``: ``head.weight[k] . F``, any sign; grad-cam methods: the method's map
+        before its ReLU and min-max step). For ``cam``: ``cams.mean((2, 3)) + head.bias ==
+        logits`` (with or without TTA), and ``gradcam`` gives ``cams / (h * w)``.
     """
     check_method(method)
     _check_batch(x, model)
@@ -288,7 +305,8 @@ def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: S
                 views = _FLIPS if tta_flip else _FLIPS[:1]
                 pre = torch.stack([model(f(x)).float() for f, _ in views]).mean(0)
             pre_probs = torch.sigmoid(pre).cpu().numpy()
-            wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor)})
+            # a margin, so a class at the floor is not lost to rounding between the two passes
+            wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor - 1e-4)})
     logits, cams = compute_cams(model, x, method, wanted, tta_flip, target_layer, autocast)
     columns = list(range(logits.shape[1])) if wanted is None else wanted
     col_of = {c: i for i, c in enumerate(columns)}
@@ -307,7 +325,7 @@ def normalize_cams(cams: np.ndarray, scale: np.ndarray | Sequence[float] | None 
     """Raw maps ``(..., h, w)`` -> ReLU -> divided by each map's maximum -> float32 in [0, 1].
 
     Each map (per image and class) is divided by its own maximum, so its peak is 1 and
-    its zero is the raw zero (for ``cam``: local logit 0, local probability 0.5). A map with
+    its zero is the raw zero (for ``cam``: no evidence beyond the class's bias). A map with
     no positive value is all 0. ``scale``: optional multipliers ``(...,)`` in [0, 1], one per
     map (for example the image-level probabilities of the maps' classes), applied last.
     """
@@ -370,7 +388,8 @@ def upsample_cam(cam: np.ndarray, out_hw: tuple[int, int], mode: str = "bilinear
 class CamRecord:
     """One stored image: ``cams`` float32 raw maps ``(K_sel, h, w)`` (stored as float16),
     ``classes`` int64 ``(K_sel,)``, ``probs`` float32 ``(19,)`` in [0, 1], ``logits`` float32
-    ``(19,)``, the ``method`` name and the model's ``input_size`` S."""
+    ``(19,)``, the ``method`` name, the model's ``input_size`` S and its head ``bias`` float32
+    ``(19,)`` (``cams[i] + bias[classes[i]]``: local logits, for method ``cam``)."""
 
     cams: np.ndarray
     classes: np.ndarray
@@ -378,6 +397,7 @@ class CamRecord:
     logits: np.ndarray
     method: str
     input_size: int
+    bias: np.ndarray | None = None
 
     def normalized(self, times_prob: bool = False) -> np.ndarray:
         """:func:`normalize_cams` of the stored maps, optionally times each class's probability."""
@@ -392,31 +412,34 @@ class CamRecord:
 
 
 def save_cam(path: str | os.PathLike, cams: np.ndarray, classes: Sequence[int], probs: np.ndarray,
-             logits: np.ndarray, method: str = "cam", input_size: int = 0) -> Path:
+             logits: np.ndarray, method: str = "cam", input_size: int = 0, bias: np.ndarray | None = None) -> Path:
     """Write one image's CAMs atomically as ``.npz``.
 
     Args:
         cams: raw maps ``(K_sel, h, w)``, stored as float16 (values beyond +-65504 are clipped).
         classes: ``K_sel`` distinct class indices in 0..18. probs, logits: ``(19,)``.
+        bias: the model's head bias ``(19,)`` (:func:`head_bias`; None: zeros).
     """
     path = Path(path)
     cams = np.asarray(cams, np.float32)
     classes = np.asarray(classes, np.int64).reshape(-1)
     probs = np.asarray(probs, np.float32).reshape(-1)
     logits = np.asarray(logits, np.float32).reshape(-1)
+    bias = np.zeros(NUM_CLASSES, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
     if cams.ndim != 3 or cams.shape[0] != classes.size:
         raise ValueError(f"{path.name}: cams must be (K_sel, h, w) with K_sel = {classes.size} classes, got {cams.shape}")
     if len(set(classes.tolist())) != classes.size or (classes.size and not (0 <= classes.min() and classes.max() < NUM_CLASSES)):
         raise ValueError(f"{path.name}: classes must be distinct indices in 0..{NUM_CLASSES - 1}, got {classes.tolist()}")
-    if probs.shape != (NUM_CLASSES,) or logits.shape != (NUM_CLASSES,):
-        raise ValueError(f"{path.name}: probs and logits must have {NUM_CLASSES} values, got {probs.shape}, {logits.shape}")
+    if probs.shape != (NUM_CLASSES,) or logits.shape != (NUM_CLASSES,) or bias.shape != (NUM_CLASSES,):
+        raise ValueError(f"{path.name}: probs, logits and bias must have {NUM_CLASSES} values, got {probs.shape}, "
+                         f"{logits.shape}, {bias.shape}")
     if not (np.isfinite(cams).all() and np.isfinite(logits).all()):
         raise ValueError(f"{path.name}: CAMs or logits are not finite (NaN/inf): is the model diverged?")
     if probs.min() < 0 or probs.max() > 1:
         raise ValueError(f"{path.name}: probabilities must lie in [0, 1]")
     with atomic_path(path) as tmp:
         np.savez(tmp, cams=np.clip(cams, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16), classes=classes,
-                 probs=probs, logits=logits, method=np.array(method), input_size=np.array(int(input_size)))
+                 probs=probs, logits=logits, bias=bias, method=np.array(method), input_size=np.array(int(input_size)))
     return path
 
 
@@ -433,7 +456,8 @@ def load_cam(path: str | os.PathLike) -> CamRecord:
             if missing:
                 raise InputError(f"{path}: not a CAM file of stage 02 (missing {missing})")
             rec = CamRecord(z["cams"].astype(np.float32), z["classes"].astype(np.int64), z["probs"].astype(np.float32),
-                            z["logits"].astype(np.float32), str(z["method"]), int(z["input_size"]))
+                            z["logits"].astype(np.float32), str(z["method"]), int(z["input_size"]),
+                            z["bias"].astype(np.float32))
     except InputError:
         raise
     except Exception as exc:  # a truncated or foreign file

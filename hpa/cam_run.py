@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .cam import check_method, image_cams, load_cam, save_cam
+from .cam import check_method, head_bias, image_cams, load_cam, save_cam
 from .constants import NUM_CLASSES
 from .fsutil import select_shard, write_csv, write_json, write_text
 from .io import InputError, channel_paths, check_images_exist, list_split
@@ -156,6 +156,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
             std = torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
         autocast = torch.bfloat16 if str(device).startswith("cuda") and method == "cam" else None
         model = model.to(device).eval()
+        bias = head_bias(model)
         log.info("%s CAMs of %d %s images (%s%s) -> %s", method, len(todo), split, f"{size} px",
                  ", flip TTA" if tta_flip else "", out_dir)
         bar = tqdm(total=len(todo), desc=f"cams {split}", unit="img", mininterval=2.0, disable=not progress)
@@ -165,7 +166,8 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
             x = prepare_batch(x.to(device), mean, std)
             labs = [label_of[i] for i in chunk] if label_of is not None else None
             for image_id, res in zip(chunk, image_cams(model, x, method, labs, prob_floor, tta_flip, autocast=autocast)):
-                save_cam(out_dir / f"{image_id}.npz", res.cams, res.classes, res.probs, res.logits, method, size)
+                save_cam(out_dir / f"{image_id}.npz", res.cams, res.classes, res.probs, res.logits, method, size,
+                         bias)
             stats["computed"] += len(chunk)
             bar.update(len(chunk))
         bar.close()

@@ -8,7 +8,8 @@ its longest side is ``panel_size`` pixels with the field's own aspect:
    stored classes): the class's CAM, normalised to [0, 1] (:func:`hpa.cam.normalize_cams`),
    as a "turbo" heat map (dark blue 0 -> red 1) over the protein channel in grey; where the
    map is 0 the grey protein shows through. The title gives the class, its image-level
-   probability and the raw peak of the map (for ``cam``: the highest local logit).
+   probability and the raw peak and minimum of the map (for ``cam``: ``w_k . F``), since the
+   normalisation hides magnitudes: a flat map (peak close to minimum) is red everywhere.
 
 Cell outlines (white) are drawn on every panel when a cell mask is given. A header names the
 image and its labels and shows the colour scale.
@@ -155,11 +156,11 @@ def render_overlay(field: np.ndarray, rec: CamRecord, labels: Sequence[int] | No
         idx = [int(np.flatnonzero(rec.classes == c)[0]) for c in shown]
         raw = rec.cams[idx]
         heat = upsample_cam(normalize_cams(raw), (ph, pw))
-        peak_name = "peak logit" if rec.method == "cam" else "peak"
         for c, r, hm in zip(shown, raw, heat):
             note = "" if r.max() > 0 else "   (no positive value: map empty)"
             panels.append(_titled(outline(heat_over(grey, hm)),
-                                  [f"{c}: {names[c]}", f"p={rec.probs[c]:.2f}   {peak_name} {float(r.max()):+.2f}{note}"]))
+                                  [f"{c}: {names[c]}", f"p={rec.probs[c]:.2f}   peak {float(r.max()):+.2f}, "
+                                                       f"min {float(r.min()):+.2f}{note}"]))
     else:
         blank = np.full((ph, pw, 3), _BG, np.uint8)
         panels.append(_titled(blank, ["no CAM stored", "test_prob_floor left no class"]))
@@ -220,7 +221,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;background:#151515;color:#ddd;margin:16px}
 h1{font-size:20px;margin:0 0 6px}h2{font-size:17px;margin:22px 0 8px;border-bottom:1px solid #444}
 p.help{max-width:980px;color:#bbb;font-size:13px;line-height:1.45}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:14px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:14px}
 .card{background:#222;border-radius:6px;padding:8px}
 .card h3{font-size:14px;margin:0 0 4px;font-family:monospace}
 .card p{margin:2px 0;font-size:12.5px}.card img{width:100%;height:auto;display:block;margin-top:6px}
