@@ -50,6 +50,8 @@ def run(args):
     overrides = list(args.overrides) + ([f"cam.method={args.method}"] if args.method else [])
     cfg = setup_run(args.run, args.data, args.profile, args.config, overrides)
     c, shard = cfg["cam"], parse_shard(args.shard)
+    if c["method"] not in available_methods():
+        raise ConfigError(f"cam.method {c['method']!r} unknown; valid methods: {', '.join(available_methods())}")
     workers = cfg["num_workers"] if args.workers is None else args.workers
     splits = [args.split] if args.split else (["train", "test"] if args.overlays_only else ["train"])
     for split in splits:
