@@ -6,15 +6,18 @@ Pieces, each usable alone:
   to 1), from stage 04's pseudo-labels (:func:`read_pseudo_labels`, hard -> one-hot) or
   from the ground truth in oracle mode (:func:`oracle_cell_labels`: true cells matched
   one-to-one at IoU >= 0.6 to OUR predicted cells; a true cell with k classes gives each
-  1/k);
+  1/k; unmatched predicted cells are left out);
 - :func:`attach_targets`: labels joined onto the rows of the crop cache
   (:mod:`hpa.cell_crops`); :func:`balanced_sample_weights`: class-balanced sampling
-  weights ``sum_c t_c / count_c ** power`` x the label weight;
-- :class:`CellCropDataset`: crops from the memmap, flips / 90-degree turns, normalised
-  with the image model's per-channel mean and std;
+  weights ``sum_c t_c * count_c ** -power`` x the label weight;
 - :func:`cell_model_from_image_model`: the image model's architecture and backbone
-  weights with a fresh 19-way head;
-- :func:`predict_cells`: softmax probabilities of every cached cell.
+  weights with a fresh 19-way linear head;
+- :func:`predict_cells`: softmax probabilities of every cached cell;
+- :func:`train_cell_stage`: stage 05 end to end. Training is :func:`hpa.train.fit`
+  (task ``multiclass``: softmax cross-entropy with probability targets and label
+  smoothing) on :class:`hpa.data.FieldDataset` over the crop cache (uint8 crops; the loop
+  flips/turns them, jitters intensities and normalises with the image model's per-channel
+  mean/std), validated on the cells of the image model's validation fold.
 """
 
 from __future__ import annotations

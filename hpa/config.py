@@ -97,14 +97,14 @@ DEFAULTS: dict[str, Any] = {
         "outside": "dim",  # zero | dim | keep: what happens to crop pixels outside the cell mask
         "dim_factor": 0.25,  # outside=dim: multiplier of those pixels
         "output_stride": 32,  # 16 | 32 | null (the image model's); same weights, 32 is cheaper on small crops
-        "epochs": 5,
+        "epochs": 6,
         "batch_size": 64,
         "lr": 1.0e-3,  # peak AdamW learning rate (backbone from the image model, new head)
         "weight_decay": 1.0e-2,
         "warmup_epochs": 0.5,
         "label_smoothing": 0.1,  # softmax cross-entropy label smoothing
         "balance_power": 0.5,  # class-balanced sampling: cell weight count_c^-power x label weight (0: off, 1: equal)
-        "samples_per_epoch": None,  # cells drawn per epoch (None: the number of training cells)
+        "samples_per_epoch": 2500,  # cells drawn per epoch (None: all training cells); fixed: one budget for cycles and oracle
         "aug_intensity": 0.1,  # flips and 90-degree turns always; per-channel intensity jitter strength
         "dropout": None,  # head dropout (None: the image model's)
         "bn_momentum": 0.1,  # BatchNorm running-stats momentum (None: the arch's own)
@@ -132,7 +132,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"image_size": 128, "epochs": 2, "batch_size": 8, "folds": 3},
         "cam": {"overlay_max_images": 4},
         "segment": {"work_size": 256},
-        "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32},
+        "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32, "samples_per_epoch": None},
     },
     "default": {},  # bash run_all.sh on a fresh machine: synthetic data, ~20 min on 2 CPU cores
     "full": {  # real HPA scale on a GPU
@@ -140,8 +140,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"arch": "efficientnet-b3", "image_size": 768, "epochs": 20, "batch_size": 16, "lr": 5e-4},
         "cam": {"batch_size": 8},
         "segment": {"work_size": 1024},
-        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4, "loader_workers": 4,
-                       "tta_flip": True},
+        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4, "samples_per_epoch": None,
+                       "loader_workers": 4, "tta_flip": True},
     },
 }
 

@@ -3,12 +3,11 @@
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import hpa.cell_crops as cc
 from hpa.cells import cell_geometry
-from hpa.io import read_mask, write_field, write_mask
+from hpa.io import read_field, read_mask, write_field, write_mask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -101,7 +100,6 @@ def test_cache_index_order_and_crops(tmp_path):
     assert list(index["cell_id"]) == [1, 2, 3, 1, 2, 1] and list(index["row"]) == list(range(6))
     assert crops.shape == (6, 4, 16, 16) and crops.dtype == np.uint8 and isinstance(crops, np.memmap)
     assert list(index["touches_border"]) == [True, False, False, True, False, True]
-    from hpa.io import read_field
     for r in index.itertuples():
         field, mask = read_field(data / "train", r.ID), read_mask(masks / f"{r.ID}_cellmask.png")
         geo = cell_geometry(mask).set_index("cell_id").loc[r.cell_id]
@@ -175,7 +173,6 @@ def test_real_full_resolution_field(tmp_path):
     assert max(mask.shape) >= 2048
     assert len(index) == len(np.unique(mask)) - 1 and crops.shape == (len(index), 4, 32, 32)
     big = index.sort_values("area").iloc[-1]
-    from hpa.io import read_field
     field = read_field(real / "images", image_id)
     expect = cc.crop_cell(field, mask, int(big.cell_id), (big.x0, big.y0, big.x1, big.y1), 32, 0.1, "zero")
     assert np.array_equal(crops[int(big.row)], expect) and crops[int(big.row)].max() > 0
