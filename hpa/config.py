@@ -32,7 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "image_model": {
         "arch": "efficientnet-b0",  # backbone by name, see hpa.models.available_models()
         "pretrained": None,  # local path to an ImageNet state dict (3-channel); never downloaded
-        "image_size": 256,  # fields are resized to this square size (cached as uint8)
+        "image_size": 256,  # fields are resized to this square size (cached as uint8); validation and CAMs use it
+        "train_crop": None,  # training crops of this side in pixels, cut from the cached fields (null: whole fields)
         "output_stride": 16,  # 16: CAMs twice as fine as the published stride 32 (same weights)
         "epochs": 12,
         "batch_size": 16,
@@ -46,10 +47,11 @@ DEFAULTS: dict[str, Any] = {
         "accumulate": 1,  # gradient accumulation steps
         "folds": 5,  # multi-label stratified folds written to RUN/splits.csv
         "val_fold": 0,  # the fold held out for validation
-        "aug_crop_scale": [0.6, 1.0],  # random resized crop area range (1.0 disables)
+        "aug_crop_scale": [0.6, 1.0],  # random resized crop: area range as a fraction of the field ([1, 1]: none)
         "aug_intensity": 0.2,  # per-channel brightness/contrast/gamma jitter strength (0 disables)
         "dropout": 0.2,
         "bn_momentum": 0.1,  # BatchNorm running-stats momentum (None: the arch's own, 0.01 for EfficientNet)
+        "zero_init_residual": True,  # residual blocks start as the identity (faster from scratch; ignored with pretrained)
         "balance_power": 0.0,  # class-balanced sampling: image weight max_c count_c^-power (0: uniform)
         "grad_clip": None,  # clip the gradient norm to this value (None: off)
     },

@@ -30,14 +30,15 @@ from .data import FieldDataset, build_field_cache, cache_bad_ids, cache_path, ch
 from .fsutil import write_csv
 from .io import InputError, check_images_exist, channel_paths, list_split
 from .models import available_models, build_model
-from .train import barrier, dist_info, fit, init_distributed
+from .train import barrier, fit, init_distributed, init_head_bias
 
 log = logging.getLogger(__name__)
 
 #: Keys of the ``image_model`` config section that :func:`train_image_model` understands.
-SETTINGS = ("arch", "pretrained", "image_size", "output_stride", "epochs", "batch_size", "lr", "weight_decay",
+SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "batch_size", "lr", "weight_decay",
             "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last", "accumulate", "folds", "val_fold",
-            "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum", "balance_power", "grad_clip")
+            "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum", "zero_init_residual", "balance_power",
+            "grad_clip")
 
 
 def image_model_dir(run: str | os.PathLike) -> Path:
@@ -130,10 +131,15 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
 
     torch.manual_seed(seed)
     model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
-                        int(s["output_stride"]), s.get("bn_momentum"))
+                        int(s["output_stride"]), s.get("bn_momentum"),
+                        zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"))
     y = labels.astype(np.float32)
+    init_head_bias(model, y[tr], "multilabel")
+    crop = s.get("train_crop")
+    if crop is not None and not 8 <= int(crop) <= size:
+        raise ConfigError(f"image_model.train_crop must lie in 8..image_size ({size}) or be null, got {crop}")
     augment = BatchAugment(flips=True, rot90=True, crop_scale=tuple(s["aug_crop_scale"]),
-                           intensity=float(s["aug_intensity"]))
+                           intensity=float(s["aug_intensity"]), out_size=None if crop is None else int(crop))
     return fit(model, FieldDataset(cpath, tr, y[tr]), FieldDataset(cpath, va, y[va]), out_dir,
                task="multilabel", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]), loss=s["loss"],

@@ -194,7 +194,8 @@ def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
 
 def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
                 pretrained: str | os.PathLike | None = None, image_size: int | None = None,
-                output_stride: int = 32, bn_momentum: float | None = None) -> HPANet:
+                output_stride: int = 32, bn_momentum: float | None = None,
+                zero_init_residual: bool = False) -> HPANet:
     """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
 
     ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
@@ -203,6 +204,8 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
     ``bn_momentum`` (None: the architecture's own; EfficientNet's is 0.01, tuned for long
     ImageNet runs) sets every BatchNorm's running-statistics momentum: 0.1 lets a short
     training from scratch validate with settled statistics. It does not change the weights.
+    ``zero_init_residual`` starts the last BatchNorm scale of every residual block at 0, so
+    each block begins as the identity (Goyal et al. 2017): faster training from scratch.
     """
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
@@ -217,6 +220,34 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = float(bn_momentum)
+    if zero_init_residual:
+        zero_residual_bn(model)
     if pretrained:
         load_pretrained_backbone(model, pretrained)
     return model
+
+
+def zero_residual_bn(model: HPANet) -> int:
+    """Set to 0 the scale of the BatchNorm that ends each residual block; returns how many.
+
+    EfficientNet: the projection BN (``_bn2``) of MBConv blocks with an identity skip;
+    ResNet: ``bn2`` (BasicBlock) / ``bn3`` (Bottleneck). Other architectures: 0 (unchanged).
+    """
+    n = 0
+    for m in model.modules():
+        args = getattr(m, "_block_args", None)
+        if args is not None and hasattr(m, "_bn2"):
+            if args.id_skip and args.input_filters == args.output_filters and all(s == 1 for s in _as_list(args.stride)):
+                nn.init.zeros_(m._bn2.weight)
+                n += 1
+        elif type(m).__name__ == "BasicBlock" and hasattr(m, "bn2"):
+            nn.init.zeros_(m.bn2.weight)
+            n += 1
+        elif type(m).__name__ == "Bottleneck" and hasattr(m, "bn3"):
+            nn.init.zeros_(m.bn3.weight)
+            n += 1
+    return n
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]

@@ -213,6 +213,23 @@ def make_loss(task: str, loss: str, label_smoothing: float = 0.0, class_weights:
     return multilabel
 
 
+def init_head_bias(model: nn.Module, targets: np.ndarray, task: str = "multilabel", floor: float = 1e-3) -> None:
+    """Start the head's bias at the class prior (the first steps then learn patterns, not frequencies).
+
+    multilabel: ``bias_k = log(p_k / (1 - p_k))`` with ``p_k`` the positive rate of class k in
+    ``targets`` ``(N, K)``; multiclass: ``bias_k = log p_k`` (targets one-hot/soft ``(N, K)``).
+    Rates are clipped to ``[floor, 1 - floor]``.
+    """
+    t = np.asarray(targets, np.float64)
+    head = model.head if hasattr(model, "head") else None
+    if head is None or t.ndim != 2 or t.shape[1] != head.out_features:
+        raise ValueError(f"targets must be (N, {getattr(head, 'out_features', '?')}), got {t.shape}")
+    p = np.clip(t.mean(0), floor, 1 - floor)
+    bias = np.log(p / (1 - p)) if task == "multilabel" else np.log(p / p.sum())
+    with torch.no_grad():
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+
+
 # --------------------------------------------------------------------------- metrics
 def tune_thresholds(probs: np.ndarray, targets: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
     """Per-class threshold (K,) maximising F1 on ``(probs, targets)`` (0.5 for classes without positives)."""

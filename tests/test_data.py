@@ -192,3 +192,16 @@ def test_intensity_jitter_is_per_channel_and_bounded():
     assert torch.equal(BatchAugment(flips=False, rot90=False)(x), x)
     with pytest.raises(ValueError, match="crop_scale"):
         BatchAugment(crop_scale=(0.0, 1.0))
+
+
+def test_crops_to_a_smaller_output_size():
+    torch.manual_seed(3)
+    x = torch.arange(16 * 16, dtype=torch.float32).view(1, 1, 16, 16).repeat(4, 4, 1, 1) / 255
+    aug = BatchAugment(flips=False, rot90=False, crop_scale=(0.25, 0.25), crop_ratio=(1, 1), out_size=8)
+    y = aug(x)
+    assert y.shape == (4, 4, 8, 8)
+    # an 8x8 crop at the field's own resolution: neighbouring output pixels differ by one input pixel
+    dx = (y[..., 1:] - y[..., :-1]) * 255
+    assert torch.allclose(dx, torch.ones_like(dx), atol=1e-3)
+    with pytest.raises(ValueError, match="out_size must be >= 8"):
+        BatchAugment(out_size=4)

@@ -77,3 +77,15 @@ def test_pretrained_of_another_architecture_is_refused(tmp_path):
 def test_registry_lists_efficientnets_first():
     names = available_models()
     assert names[0] == "efficientnet-b0" and "efficientnet-b7" in names and "resnet18" in names
+
+
+def test_zero_init_residual_makes_blocks_start_as_identity():
+    from hpa.models import zero_residual_bn
+
+    model = build_model("efficientnet-b0", image_size=64, zero_init_residual=True)
+    skip = [b for b in model.backbone.net._blocks if b._block_args.id_skip
+            and b._block_args.input_filters == b._block_args.output_filters and b._block_args.stride in (1, [1])]
+    assert len(skip) == 9 and all(float(b._bn2.weight.detach().abs().sum()) == 0 for b in skip)
+    assert zero_residual_bn(build_model("resnet18")) == 8
+    bn = build_model("efficientnet-b0", image_size=64, bn_momentum=0.1).backbone.net._bn0
+    assert bn.momentum == pytest.approx(0.1)

@@ -248,3 +248,18 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
     probs = predict(model, meta, np.load(run / "cache" / "train_32.npy"))
     assert probs.shape == (12, 19) and np.isfinite(probs).all()
     assert not list((run / "image_model").glob(".*tmp*"))  # no half-written files left
+
+
+def test_head_bias_starts_at_the_class_prior():
+    from hpa.train import init_head_bias
+
+    model = _model()
+    t = np.zeros((10, 19), np.float32)
+    t[:5, 0] = 1
+    t[:1, 3] = 1
+    init_head_bias(model, t)
+    b = model.head.bias.detach().numpy()
+    assert b[0] == pytest.approx(0.0, abs=1e-6) and b[3] == pytest.approx(np.log(0.1 / 0.9), rel=1e-5)
+    assert b[5] == pytest.approx(np.log(1e-3 / (1 - 1e-3)), rel=1e-5)
+    with pytest.raises(ValueError, match=r"targets must be \(N, 19\)"):
+        init_head_bias(model, t[:, :5])
