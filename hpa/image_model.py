@@ -35,10 +35,10 @@ from .train import barrier, fit, init_distributed, init_head_bias
 log = logging.getLogger(__name__)
 
 #: Keys of the ``image_model`` config section that :func:`train_image_model` understands.
-SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "batch_size", "lr", "weight_decay",
-            "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last", "accumulate", "folds", "val_fold",
-            "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum", "zero_init_residual", "balance_power",
-            "grad_clip")
+SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "samples_per_epoch",
+            "batch_size", "lr", "weight_decay", "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last",
+            "accumulate", "folds", "val_fold", "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum",
+            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every")
 
 
 def image_model_dir(run: str | os.PathLike) -> Path:
@@ -132,7 +132,8 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     torch.manual_seed(seed)
     model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
                         int(s["output_stride"]), s.get("bn_momentum"),
-                        zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"))
+                        zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"),
+                        input_norm=s.get("input_norm") or "none")
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
     crop = s.get("train_crop")
@@ -145,9 +146,11 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
                weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]), loss=s["loss"],
                focal_gamma=float(s["focal_gamma"]),
                sample_weights=balanced_image_weights(labels[tr], float(s.get("balance_power", 0.0))),
+               samples_per_epoch=None if s.get("samples_per_epoch") is None else int(s["samples_per_epoch"]),
                mean=mean, std=std, augment=augment, amp=s["amp"], channels_last=bool(s["channels_last"]),
                accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), num_workers=num_workers, seed=seed,
                device=device, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), force=force, progress=progress,
+               val_every=int(s.get("val_every") or 1),
                extra_meta={"val_fold": val_fold, "folds": int(s["folds"]), "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
                            "world_size": world})

@@ -33,15 +33,43 @@ def available_models() -> list[str]:
     return list(EFFICIENTNETS) + list(TORCHVISION)
 
 
-class HPANet(nn.Module):
-    """Backbone -> global average pooling -> dropout -> linear head.
+#: Input normalisations an :class:`HPANet` can apply before its backbone (parameter-free).
+INPUT_NORMS = ("none", "per_image")
 
-    Input: float32 ``(B, in_channels, H, W)``, normalised. Output: logits ``(B, num_classes)``.
+
+class PerImageNorm(nn.Module):
+    """Standardise every image and channel by its own spatial mean and std: ``(x - m) / (s + eps)``.
+
+    Removes the field-to-field brightness and contrast differences of each stain, so the
+    network learns patterns, not exposure. No parameters (state dicts are unchanged).
     """
 
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float, arch: str):
+    def __init__(self, eps: float = 0.1):
         super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = x.std(dim=(2, 3), keepdim=True)
+        return (x - mean) / (std + self.eps)
+
+
+class HPANet(nn.Module):
+    """[Per-image input normalisation] -> backbone -> global average pooling -> dropout -> linear head.
+
+    Input: float32 ``(B, in_channels, H, W)``, normalised. Output: logits ``(B, num_classes)``.
+    ``input_norm`` (:data:`INPUT_NORMS`): ``per_image`` applies :class:`PerImageNorm` first,
+    inside :meth:`features`, so every caller (training, prediction, CAMs) gets it.
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float, arch: str,
+                 input_norm: str = "none"):
+        super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
         self.arch = arch
+        self.input_norm_name = input_norm
+        self.input_norm = PerImageNorm() if input_norm == "per_image" else nn.Identity()
         self.backbone = backbone
         self.num_features = num_features
         self.dropout = nn.Dropout(dropout)
@@ -49,7 +77,7 @@ class HPANet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map ``(B, C, h, w)`` (C = ``num_features``)."""
-        return self.backbone(x)
+        return self.backbone(self.input_norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -195,7 +223,7 @@ def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
 def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
                 pretrained: str | os.PathLike | None = None, image_size: int | None = None,
                 output_stride: int = 32, bn_momentum: float | None = None,
-                zero_init_residual: bool = False) -> HPANet:
+                zero_init_residual: bool = False, input_norm: str = "none") -> HPANet:
     """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
 
     ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
@@ -206,6 +234,7 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
     training from scratch validate with settled statistics. It does not change the weights.
     ``zero_init_residual`` starts the last BatchNorm scale of every residual block at 0, so
     each block begins as the identity (Goyal et al. 2017): faster training from scratch.
+    ``input_norm`` ``per_image`` standardises each input image and channel first (see :class:`HPANet`).
     """
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
@@ -215,7 +244,7 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
         backbone, nf = _torchvision(arch, in_channels, output_stride)
     else:
         raise ValueError(f"unknown model {arch!r}; available models: {', '.join(available_models())}")
-    model = HPANet(backbone, nf, num_classes, dropout, arch)
+    model = HPANet(backbone, nf, num_classes, dropout, arch, input_norm)
     if bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -113,7 +113,8 @@ def _broadcast(obj):
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's indices for one epoch, a pure function of ``(seed, epoch)``.
 
-    Without weights: a permutation of ``0..n-1`` (``shuffle``) or the identity. With
+    Without weights: ``num_samples`` (default n) indices from consecutive permutations of
+    ``0..n-1`` (``shuffle``) or ``0, 1, ..., n-1, 0, ...``. With
     ``weights``: ``num_samples`` draws with replacement, probability proportional to the
     weights (class-balanced sampling). Under DDP every rank draws the same list and takes
     every ``world``-th entry from ``rank`` (the list is padded to a multiple of ``world``),
@@ -143,10 +144,11 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         if self.weights is not None:
             idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
-        elif self.shuffle:
-            idx = torch.randperm(self.n, generator=g)[: self.num_samples]
+        elif self.shuffle:  # whole permutations, as many as num_samples needs
+            reps = -(-self.num_samples // self.n)
+            idx = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.num_samples]
         else:
-            idx = torch.arange(self.n)[: self.num_samples]
+            idx = torch.arange(self.num_samples) % self.n
         idx = idx.tolist()
         total = self.per_rank * self.world
         idx += idx[: total - len(idx)]
@@ -368,7 +370,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module,
     """Restore a model written by :func:`fit` (``model.pt``) in eval mode.
 
     Returns ``(model, meta)``; meta keys: ``arch, num_classes, in_channels, output_stride,
-    dropout, image_size, task, class_names, mean, std, epochs, thresholds`` (multi-label) and
+    input_norm, dropout, image_size, task, class_names, mean, std, epochs, thresholds`` (multi-label) and
     whatever ``extra_meta`` the training run added.
     """
     from .models import build_model
@@ -382,7 +384,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module,
     meta = ckpt["meta"]
     model = build_model(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                         dropout=meta.get("dropout", 0.0), image_size=meta.get("image_size"),
-                        output_stride=meta.get("output_stride", 32))
+                        output_stride=meta.get("output_stride", 32), input_norm=meta.get("input_norm", "none"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), meta
 
@@ -400,6 +402,7 @@ def _model_meta(model: nn.Module, task: str, in_shape: tuple, mean, std, epochs:
     model.train(was)
     meta = {"arch": model.arch, "num_classes": model.head.out_features, "in_channels": int(in_shape[0]),
             "output_stride": int(64 // f.shape[-1]), "dropout": float(model.dropout.p), "image_size": int(in_shape[-1]),
+            "input_norm": getattr(model, "input_norm_name", "none"),
             "task": task, "class_names": list(CLASS_NAMES)[: model.head.out_features]
             if model.head.out_features <= len(CLASS_NAMES) else [str(i) for i in range(model.head.out_features)],
             "mean": None if mean is None else [float(v) for v in mean],
@@ -467,7 +470,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
         std: Sequence[float] | None = None, normalize: bool = True, augment: Callable | None = None,
         amp: str = "auto", channels_last: bool = True, accumulate: int = 1, grad_clip: float | None = None,
         num_workers: int = 0, seed: int = 0, device: str = "cpu", val_index: pd.DataFrame | None = None,
-        extra_meta: dict | None = None, force: bool = False, progress: bool = True,
+        extra_meta: dict | None = None, force: bool = False, progress: bool = True, val_every: int = 1,
         on_epoch_end: Callable[[int, list], None] | None = None) -> list[dict]:
     """Train ``model`` and write its checkpoints, metrics and validation predictions to ``out_dir``.
 
@@ -494,6 +497,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
         val_index: DataFrame with one row per ``val_ds`` item (e.g. ``ID`` or ``ID, cell_id``),
             prepended to ``val_predictions.csv``.
         extra_meta: stored in ``model.pt``'s meta (e.g. fold, data path, cache size).
+        val_every: validate after every this many epochs (and always after the last).
         force: start again even if ``last.pt`` / ``model.pt`` exist.
         on_epoch_end: called as ``f(epoch, history)`` after each epoch's checkpoint (tests use
             it to simulate an interruption).
@@ -627,7 +631,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
             train_loss = float(tl.item()) / world
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr_at(max(step - 1, 0), total_steps, warmup_steps, lr)}
         val = None
-        if main and val_ds is not None:
+        if main and val_ds is not None and ((epoch + 1) % max(1, int(val_every)) == 0 or epoch + 1 == epochs):
             val = _validate(model, val_ds, task, criterion, mean_t, std_t, batch_size, device, dtype, channels_last,
                             num_workers)
             row.update(val["metrics"])
@@ -712,12 +716,13 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> Path:
     df = pd.DataFrame(history)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(df["epoch"], df["train_loss"], "o-", label="train")
-    if "val_loss" in df:
-        a1.plot(df["epoch"], df["val_loss"], "o-", label="validation")
+    val = df.dropna(subset=["val_loss"]) if "val_loss" in df else df.iloc[:0]
+    if len(val):
+        a1.plot(val["epoch"], val["val_loss"], "o-", label="validation")
     a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.legend(), a1.grid(alpha=0.3)
     for key in ("mAP", "f1", "acc"):
-        if key in df:
-            a2.plot(df["epoch"], df[key], "o-", label=f"validation {key}")
+        if key in val:
+            a2.plot(val["epoch"], val[key], "o-", label=f"validation {key}")
     a2.set_xlabel("epoch"), a2.set_ylim(0, 1), a2.grid(alpha=0.3)
     if a2.lines:
         a2.legend()

@@ -89,3 +89,17 @@ def test_zero_init_residual_makes_blocks_start_as_identity():
     assert zero_residual_bn(build_model("resnet18")) == 8
     bn = build_model("efficientnet-b0", image_size=64, bn_momentum=0.1).backbone.net._bn0
     assert bn.momentum == pytest.approx(0.1)
+
+
+def test_per_image_input_norm_runs_inside_the_model():
+    torch.manual_seed(3)
+    model = build_model("resnet18", input_norm="per_image").eval()
+    x = torch.rand(2, 4, 32, 32) * torch.tensor([1.0, 5.0, 0.2, 2.0]).view(1, 4, 1, 1)
+    z = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 0.1)
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), model.backbone(z), atol=1e-5)
+        logits, cams = model.forward_with_cams(x)
+        assert torch.allclose(cams.mean((2, 3)), logits, atol=1e-4)
+    assert "input_norm" not in " ".join(model.state_dict())  # no parameters: state dicts stay compatible
+    with pytest.raises(ValueError, match="unknown input_norm 'global'; valid: none, per_image"):
+        build_model("resnet18", input_norm="global")

@@ -41,7 +41,7 @@ def _datasets(tiny):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return build_model("resnet18", image_size=32, output_stride=32, dropout=0.0)
+    return build_model("resnet18", image_size=32, output_stride=32, dropout=0.0, input_norm="per_image")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -94,6 +94,8 @@ def test_epoch_sampler_is_deterministic_disjoint_and_weighted():
     ranks = [EpochSampler(10, seed=3, rank=r, world=3) for r in range(3)]
     shares = [s.indices() for s in ranks]
     assert all(len(s) == 4 for s in shares) and set(sum(shares, [])) == set(range(10))
+    long = EpochSampler(4, num_samples=10, seed=1).indices()
+    assert len(long) == 10 and sorted(long[:4]) == sorted(long[4:8]) == [0, 1, 2, 3]
     w = EpochSampler(4, weights=np.array([1.0, 0, 0, 3.0]), num_samples=4000)
     counts = np.bincount(w.indices(), minlength=4)
     assert counts[1] == counts[2] == 0 and 2.6 < counts[3] / counts[0] < 3.4
@@ -118,6 +120,7 @@ def test_checkpoint_round_trips_and_predicts_the_same(tiny, tmp_path):
     loaded, meta = load_model(tmp_path / "model.pt")
     assert meta["arch"] == "resnet18" and meta["task"] == "multilabel" and meta["image_size"] == 32
     assert meta["output_stride"] == 32 and meta["mean"] == [0.1] * 4 and meta["note"] == "x"
+    assert meta["input_norm"] == "per_image" and loaded.input_norm_name == "per_image"
     assert len(meta["class_names"]) == 19 and meta["class_names"][18] == "Negative" and len(meta["thresholds"]) == 19
     p_loaded = predict(loaded, meta, val_ds, batch_size=3)
     p_trained = predict(model, meta, val_ds, batch_size=4)
@@ -186,8 +189,9 @@ def _stage():
     return mod
 
 
-TINY_SETTINGS = ["image_model.image_size=32", "image_model.epochs=1", "image_model.batch_size=4",
-                 "image_model.folds=3", "image_model.arch=resnet18", "num_workers=0"]
+TINY_SETTINGS = ["image_model.image_size=32", "image_model.train_crop=16", "image_model.val_every=1",
+                 "image_model.epochs=1", "image_model.batch_size=4", "image_model.folds=3",
+                 "image_model.arch=resnet18", "num_workers=0"]
 
 
 @pytest.mark.slow
