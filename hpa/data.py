@@ -114,7 +114,7 @@ def _load_field(args) -> tuple[int, np.ndarray | None, str | None]:
 
 def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str], size: int,
                       out_path: str | os.PathLike, workers: int = 0, on_bad_image: str = "error",
-                      flush_every: int = 32) -> np.memmap:
+                      flush_every: int = 32, progress: bool = True) -> np.memmap:
     """Decode every field of ``ids`` once into a uint8 ``(N, 4, S, S)`` memory map (or reuse it).
 
     Args:
@@ -130,6 +130,7 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
             ``skip``: its row stays zero and its ID is listed in the sidecar's ``bad_ids``
             (see :func:`cache_bad_ids`).
         flush_every: rows between progress saves of an interrupted build.
+        progress: show a tqdm bar while decoding.
     Returns:
         the cache opened read-only, ``np.memmap`` uint8 ``(N, 4, S, S)``.
     """
@@ -186,7 +187,8 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
     todo = [(i, str(folder), ids[i], size) for i in np.flatnonzero(~done)]
     if todo:
         log.info("decoding %d fields of %s into %s (%d px, %d workers)", len(todo), folder, out_path, size, workers)
-    bar = tqdm(total=len(todo), desc=f"cache {split}", unit="img", mininterval=2.0, disable=not todo)
+    bar = tqdm(total=len(todo), desc=f"cache {split}", unit="img", mininterval=2.0,
+               disable=not (todo and progress))
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     try:
         results = pool.map(_load_field, todo, chunksize=4) if pool else map(_load_field, todo)

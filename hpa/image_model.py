@@ -106,7 +106,7 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     if rank == 0:
         load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
         build_field_cache(data_dir, "train", ids_ok, size, cpath,
-                          workers=num_workers, on_bad_image=on_bad_image)
+                          workers=num_workers, on_bad_image=on_bad_image, progress=progress)
     barrier()
     folds = load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
     keep = np.isin(ids, ids_ok)
