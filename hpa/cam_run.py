@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .cam import check_method, head_bias, image_cams, load_cam, save_cam
 from .constants import NUM_CLASSES
 from .fsutil import select_shard, write_csv, write_json, write_text
-from .io import InputError, channel_paths, check_images_exist, list_split
+from .io import InputError, list_split, usable_images
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,6 @@ def file_sha1(path: str | os.PathLike) -> str:
 
 def _bad_marker(out_dir: Path, image_id: str) -> Path:
     return out_dir / f"{image_id}.skipped.txt"
-
-
-def _usable(folder: Path, ids: list[str], on_bad_image: str) -> tuple[list[str], dict[str, str]]:
-    if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    if on_bad_image == "error":
-        check_images_exist(folder, ids)
-        return ids, {}
-    bad = {}
-    for i in ids:
-        try:
-            channel_paths(folder, i)
-        except InputError as exc:
-            bad[i] = str(exc)
-    return [i for i in ids if i not in bad], bad
 
 
 def _open_cache(run: Path, data_dir: Path, split: str, ids_ok: list[str], mine: list[str], size: int,
@@ -136,7 +121,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
 
     ids, labels = list_split(data_dir, split)
     label_of = {i: np.flatnonzero(row).tolist() for i, row in zip(ids, labels)} if labels is not None else None
-    ids_ok, bad = _usable(data_dir / split, ids, on_bad_image)
+    ids_ok, bad = usable_images(data_dir / split, ids, on_bad_image)
     mine = select_shard(ids_ok, shard)
     todo = [i for i in mine if force or not ((out_dir / f"{i}.npz").is_file() or _bad_marker(out_dir, i).is_file())]
     stats = {"images": len(mine), "computed": 0, "done_before": len(mine) - len(todo), "skipped": 0}

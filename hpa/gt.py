@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .constants import IOU_THRESHOLD
-from .io import InputError, parse_label_string, read_mask
+from .io import read_mask
 from .matching import match_cells
 
 
@@ -22,22 +21,12 @@ def has_gt(data_dir: str | Path) -> bool:
     return (Path(data_dir) / "gt" / "cell_labels.csv").is_file()
 
 
-def read_cell_labels(data_dir: str | Path, split: str | None = None) -> dict[str, dict[int, list[int]]]:
-    """``{ID: {cell_id: [classes]}}`` from ``DATA/gt/cell_labels.csv``, optionally one split."""
-    path = Path(data_dir) / "gt" / "cell_labels.csv"
-    try:
-        df = pd.read_csv(path, dtype={"ID": str, "Label": str, "split": str})
-    except FileNotFoundError:
-        raise InputError(f"{path}: ground-truth cell labels not found") from None
-    missing = {"ID", "cell_id", "Label"} - set(df.columns)
-    if missing:
-        raise InputError(f"{path}: missing column(s) {sorted(missing)}")
-    if split is not None and "split" in df.columns:
-        df = df[df["split"] == split]
-    out: dict[str, dict[int, list[int]]] = {}
-    for i, (image_id, cid, label) in enumerate(zip(df["ID"], df["cell_id"], df["Label"])):
-        out.setdefault(image_id, {})[int(cid)] = parse_label_string(label, f"{path} row {i + 2}")
-    return out
+def read_cell_labels(data_dir: str | Path, split: str = "all") -> dict[str, dict[int, list[int]]]:
+    """``{ID: {cell_id: [classes]}}`` from ``DATA/gt/cell_labels.csv`` (one split, or ``all``);
+    checked row by row (:func:`hpa.score.read_cell_labels`)."""
+    from .score import read_cell_labels as read_labels_csv
+
+    return read_labels_csv(Path(data_dir) / "gt" / "cell_labels.csv", split)
 
 
 def read_gt_mask(data_dir: str | Path, image_id: str) -> np.ndarray:

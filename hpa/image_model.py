@@ -28,7 +28,7 @@ from .config import ConfigError
 from .constants import NUM_CLASSES
 from .data import FieldDataset, build_field_cache, cache_bad_ids, cache_path, channel_stats, load_or_make_splits
 from .fsutil import write_csv
-from .io import InputError, check_images_exist, channel_paths, list_split
+from .io import InputError, list_split, usable_images
 from .models import available_models, build_model
 from .train import barrier, fit, init_distributed, init_head_bias
 
@@ -56,20 +56,6 @@ def balanced_image_weights(labels: np.ndarray, power: float) -> np.ndarray | Non
     counts = np.maximum(labels.sum(0), 1).astype(np.float64)
     w = (labels * counts[None, :] ** -float(power)).max(1)
     return np.where(w > 0, w, counts.min() ** -float(power))
-
-
-def _usable_ids(folder: Path, ids: list[str], on_bad_image: str) -> tuple[list[str], dict[str, str]]:
-    """Check channel files up front: raise (error) or return the IDs that have all four (skip)."""
-    if on_bad_image == "error":
-        check_images_exist(folder, ids)
-        return ids, {}
-    bad = {}
-    for i in ids:
-        try:
-            channel_paths(folder, i)
-        except InputError as exc:
-            bad[i] = str(exc)
-    return [i for i in ids if i not in bad], bad
 
 
 def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, settings: dict, *, seed: int = 0,
@@ -100,7 +86,7 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     folder = data_dir / "train"
     if not folder.is_dir():
         raise InputError(f"{data_dir}: train.csv lists {len(ids)} images but the folder {folder} does not exist")
-    ids_ok, bad = _usable_ids(folder, ids, on_bad_image)
+    ids_ok, bad = usable_images(folder, ids, on_bad_image)
     size = int(s["image_size"])
     cpath = cache_path(run, "train", size)
     if rank == 0:

@@ -331,3 +331,20 @@ def check_images_exist(folder: str | os.PathLike, ids: list[str]) -> None:
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise InputError(f"{len(bad)} of {len(ids)} images lack channel files in {folder}:\n  " + "\n  ".join(bad[:5]) + more)
+
+
+def usable_images(folder: str | os.PathLike, ids: list[str], on_bad_image: str = "error") -> tuple[list[str], dict[str, str]]:
+    """Check channel files up front: ``error`` raises (see :func:`check_images_exist`);
+    ``skip`` returns ``(ids that have all four files, {bad id: reason})``."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if on_bad_image == "error":
+        check_images_exist(folder, ids)
+        return list(ids), {}
+    bad = {}
+    for image_id in ids:
+        try:
+            channel_paths(folder, image_id)
+        except InputError as exc:
+            bad[image_id] = str(exc)
+    return [i for i in ids if i not in bad], bad
