@@ -48,7 +48,8 @@ def cell_geometry(cell_mask: np.ndarray) -> pd.DataFrame:
             if sl is None:
                 continue
             rows.append((k, sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, int(areas[k]), bool(border[k])))
-    df = pd.DataFrame(rows, columns=["cell_id", "x0", "y0", "x1", "y1", "area", "touches_border"])
+    cols = ["cell_id", "x0", "y0", "x1", "y1", "area", "touches_border"]
+    df = pd.DataFrame(rows, columns=cols).astype({c: np.int64 for c in cols[:-1]} | {"touches_border": bool})
     df["height"], df["width"] = h, w
     med = float(df["area"].median()) if len(df) else 1.0
     df["rel_area"] = df["area"] / max(med, 1.0)

@@ -101,3 +101,23 @@ def select_shard(items: Sequence[T], shard: tuple[int, int]) -> list[T]:
     """Items of shard ``(i, N)``: every N-th item starting at i (stable, balanced)."""
     i, n = shard
     return list(items[i::n])
+
+
+def shard_path(path: str | os.PathLike, shard: tuple[int, int]) -> Path:
+    """The file of shard ``(i, N)`` beside a whole-split file: ``cells/train.parquet`` ->
+    ``cells/train.shard-i-of-N.parquet``; ``path`` itself when N == 1."""
+    path = Path(path)
+    i, n = shard
+    return path if n == 1 else path.with_name(f"{path.stem}.shard-{i}-of-{n}{path.suffix}")
+
+
+def shard_sets(path: str | os.PathLike) -> dict[int, list[int]]:
+    """Shard files present beside ``path``: ``{N: sorted shard indices i found}``."""
+    path = Path(path)
+    found: dict[int, list[int]] = {}
+    for p in path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"):
+        middle = p.name[len(path.stem) + len(".shard-"): len(p.name) - len(path.suffix)]
+        i_str, _, n_str = middle.partition("-of-")
+        if i_str.isdigit() and n_str.isdigit() and int(i_str) < int(n_str):
+            found.setdefault(int(n_str), []).append(int(i_str))
+    return {n: sorted(v) for n, v in sorted(found.items())}

@@ -1,4 +1,11 @@
-"""Stage 04 orchestration: the train cell table, pseudo-labels of a cycle, their report."""
+"""Stage 04 orchestration: the train cell table, pseudo-labels of a cycle, their report.
+
+The cell table of a split (``RUN/cells/{split}.parquet``, also used by stage 06 for test) is
+built image by image, so it can be built in shards: shard ``(i, N)`` takes every N-th usable
+image and writes ``RUN/cells/{split}.shard-i-of-N.parquet``; the whole-split table is the
+shards' rows joined in the split's image order (:func:`merge_cell_tables`), identical to the
+table one process builds. Thresholds are global, so pseudo-labels need the whole table.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import pandas as pd
 from . import gt as gtmod
 from .cells import build_cell_table
 from .constants import NEGATIVE, NUM_CLASSES
-from .fsutil import write_json, write_parquet
+from .fsutil import select_shard, shard_path, shard_sets, write_json, write_parquet
 from .io import InputError, list_split, read_mask
 from .pseudo import assign_labels, cam_evidence, coverage, diagnostics
 
@@ -20,17 +27,92 @@ log = logging.getLogger(__name__)
 PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
+def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)) -> Path:
+    """``RUN/cells/{split}.parquet``, or ``RUN/cells/{split}.shard-i-of-N.parquet`` for shard i of N."""
+    return shard_path(Path(run) / "cells" / f"{split}.parquet", shard)
+
+
 def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_size: int, force: bool = False) -> pd.DataFrame:
-    """``RUN/cells/{split}.parquet``, built from masks and CAMs when missing (or ``force``)."""
-    path = run / "cells" / f"{split}.parquet"
+    """``RUN/cells/{split}.parquet``, built from masks and CAMs when missing (or ``force``).
+
+    When it is missing but a complete set of shard tables exists (:func:`build_cell_table_shard`),
+    the shards are joined instead; an incomplete set is an error naming the missing shards
+    (``force`` builds the whole table here and ignores the shards).
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split)
     if path.is_file() and not force:
         return pd.read_parquet(path)
-    ids, _ = list_split(data_dir, split)
-    ids = usable_ids(run, split, ids)
+    if not force:
+        sets = shard_sets(path)
+        complete = [n for n, have in sets.items() if len(have) == n]
+        if len(complete) == 1:
+            return merge_cell_tables(run, data_dir, split, complete[0])
+        if sets:
+            detail = "; ".join(f"N={n}: missing {_missing_names(path, n, have)}" for n, have in sets.items()
+                               if len(have) < n)
+            raise InputError(f"{path.parent}: cannot tell which shard tables of {split} to join "
+                             f"({detail or 'complete sets for N=' + ', '.join(map(str, complete))}); run the missing "
+                             f"shards or --merge N, or --force to build the whole table in one process")
+    ids = usable_ids(run, split, list_split(data_dir, split)[0])
     table = build_cell_table(ids, run / "masks" / split, run / "cams" / split, topk_frac, work_size)
     write_parquet(path, table)
     log.info("cell table %s: %d cells in %d images -> %s", split, len(table), len(ids), path)
     return table
+
+
+def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, shard: tuple[int, int],
+                           topk_frac: float, work_size: int, force: bool = False) -> Path:
+    """Build the cell table of shard ``(i, N)`` (every N-th usable image from the i-th).
+
+    Writes ``RUN/cells/{split}.shard-i-of-N.parquet`` (kept unless ``force``) and, once every
+    shard's table exists, the whole split's ``RUN/cells/{split}.parquet``
+    (:func:`merge_cell_tables`). Returns the shard table's path.
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split, shard)
+    if force or not path.is_file():
+        ids = usable_ids(run, split, list_split(data_dir, split)[0])
+        mine = select_shard(ids, shard)
+        table = build_cell_table(mine, run / "masks" / split, run / "cams" / split, topk_frac, work_size)
+        write_parquet(path, table)
+        log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
+                 len(mine), path)
+    n = shard[1]
+    if n > 1 and all(cell_table_path(run, split, (i, n)).is_file() for i in range(n)):
+        merge_cell_tables(run, data_dir, split, n)
+    return path
+
+
+def merge_cell_tables(run: str | Path, data_dir: str | Path, split: str, n_shards: int) -> pd.DataFrame:
+    """Join the N shard tables of a split into ``RUN/cells/{split}.parquet`` (written atomically).
+
+    Rows follow the split's image order (``DATA/{split}.csv``), as in a table built in one
+    process. Raises FileNotFoundError listing the shard tables that are missing.
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split)
+    have = [i for i in range(n_shards) if cell_table_path(run, split, (i, n_shards)).is_file()]
+    if len(have) < n_shards:
+        raise FileNotFoundError(f"cannot merge the {split} cell table: shard table(s) missing in {path.parent}: "
+                                f"{_missing_names(path, n_shards, have)} (run those shards first)")
+    parts = [pd.read_parquet(cell_table_path(run, split, (i, n_shards))) for i in range(n_shards)]
+    full = [t for t in parts if len(t)] or parts[:1]  # an empty shard's columns carry no dtypes
+    table = pd.concat(full, ignore_index=True)
+    ids, _ = list_split(data_dir, split)
+    order = {image_id: k for k, image_id in enumerate(ids)}
+    key = table["ID"].map(order)
+    if key.isna().any():
+        raise InputError(f"{path.parent}: shard tables hold image(s) not in {data_dir}/{split}.csv, e.g. "
+                         f"{table['ID'][key.isna()].iloc[0]!r} (stale shards? rebuild them with --force)")
+    table = table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+    write_parquet(path, table)
+    log.info("merged %d shard tables into %s (%d cells)", n_shards, path, len(table))
+    return table
+
+
+def _missing_names(path: Path, n: int, have: list[int]) -> list[str]:
+    return [shard_path(path, (i, n)).name for i in range(n) if i not in set(have)]
 
 
 def usable_ids(run: Path, split: str, ids: list[str]) -> list[str]:

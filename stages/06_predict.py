@@ -6,6 +6,12 @@ RUN/cycle{k}/cell_probs_test.parquet (stage 05). Writes RUN/cells/test.parquet (
 RUN/predictions_test.parquet (ID, cell_id, model, bbox, area, conf0..conf18) and
 RUN/submission.csv (ID,ImageWidth,ImageHeight,PredictionString; readable by python -m hpa.score).
 How confidences are formed: hpa/predict.py (setting predict.combine, predict.negative, ...).
+The per-image part, the test cell table, can be sharded: --shard i/N writes
+RUN/cells/test.shard-i-of-N.parquet (the last shard joins them into test.parquet); a run without
+--shard (which joins a complete set of shard tables itself) or --merge N writes the predictions
+and the submission:
+    python stages/06_predict.py --run RUN --shard 0/4        # ... 3/4, e.g. as a job array
+    python stages/06_predict.py --run RUN --merge 4
 """
 
 import argparse
@@ -16,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpa.config import add_common_args, setup_run  # noqa: E402
 from hpa.evaluate import predict_test  # noqa: E402
+from hpa.fsutil import parse_shard  # noqa: E402
+from hpa.labelling import build_cell_table_shard, merge_cell_tables  # noqa: E402
 from hpa.log import setup_logging  # noqa: E402
 from hpa.timing import stage_timer  # noqa: E402
 
@@ -24,12 +32,26 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     ap.add_argument("--split", choices=("test",), default="test", help="only the test split is predicted")
-    ap.add_argument("--force", action="store_true", help="rebuild the test cell table")
+    ap.add_argument("--shard", default=None, help="i/N: only the cell table of every N-th image from the i-th")
+    ap.add_argument("--merge", type=int, metavar="N", default=None, help="join the N shard tables, then predict")
+    ap.add_argument("--force", action="store_true", help="rebuild the test cell table (or shard table)")
     args = ap.parse_args(argv)
+    shard = parse_shard(args.shard)
+    if shard[1] > 1 and args.merge:
+        ap.error("--merge N joins the shards after they all ran: give it without --shard")
     setup_logging()
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
+    p = cfg["pseudo"]
+    if shard[1] > 1:
+        with stage_timer(args.run, f"06_cell_table_test_shard{shard[0]}of{shard[1]}"):
+            path = build_cell_table_shard(args.run, cfg["data"], "test", shard, p["topk_frac"], p["work_size"],
+                                          force=args.force)
+        print(f"cell table shard: {path}")
+        return
     with stage_timer(args.run, "06_predict"):
-        _, sub = predict_test(args.run, cfg, force=args.force)
+        if args.merge:
+            merge_cell_tables(args.run, cfg["data"], "test", args.merge)
+        _, sub = predict_test(args.run, cfg, force=args.force and not args.merge)
     print(f"submission: {sub}")
 
 
