@@ -16,8 +16,8 @@ Per stage process it records the wall time, the peak resident memory of the stag
 (``ru_maxrss`` from ``wait4``: the largest single process of its tree) and the peak memory of
 the stage with its worker processes: the stage's resident size plus the workers' private pages
 (``/proc/PID/smaps_rollup`` sampled every 100 ms, at least ``ru_maxrss``; pages workers share
-with the stage through the fork, and shared libraries, count once). It prints a table and, last, the ratio peak(N_max) / peak(N_min) per stage: flat
-memory gives about 1.0.
+with the stage through the fork, and shared libraries, count once). It prints a table and,
+last, the ratio peak(N_max) / peak(N_min) per stage: flat memory gives about 1.0.
 
     python benchmarks/memory.py [--sizes 50 200] [--work DIR] [--workers 2] [--keep]
 """
