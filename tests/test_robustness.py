@@ -1,0 +1,138 @@
+"""Robustness of the stages: interruption (SIGKILL, then the same command again), determinism,
+bad input (each case a clear error before long work, or a recorded skip the report lists), and
+write failures (the message names the path, no partial file is left).
+
+Stages run as subprocesses on small synthetic data with one thread each, so the
+uninterrupted and the resumed runs compute in the same order and can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hpa.synth import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HPA_LOG="INFO", PYTHONUNBUFFERED="1")
+MASK_GLOBS = ("*_cellmask.png", "*_nucleimask.png")
+
+
+def stage_cmd(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "stages" / script), *args]
+
+
+def run_stage(script: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(stage_cmd(script, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def kill_when(cmd: list[str], ready, log_path: Path, timeout: float = 120.0) -> None:
+    """Start ``cmd``, SIGKILL its whole process group as soon as ``ready()`` is true.
+
+    Fails when the command ends by itself first (nothing was interrupted).
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t_end = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"{cmd[1]} ended (rc {proc.returncode}) before it could be interrupted:\n"
+                            + log_path.read_text()[-2000:])
+            if time.monotonic() > t_end:
+                pytest.fail(f"{cmd[1]}: the interruption point was not reached in {timeout} s")
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"expected a kill, got rc {proc.returncode}"
+
+
+def mask_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for g in MASK_GLOBS for p in sorted(folder.glob(g))}
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = state_dict(a), state_dict(b)
+    assert list(sa) == list(sb)
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{len(different)} of {len(sa)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def synth512(tmp_path_factory):
+    """12 train fields of 512 px: slow enough (~0.1 s each) to interrupt stage 03 in the middle."""
+    return generate_dataset(tmp_path_factory.mktemp("synth512"), 12, 0, size=512, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def synth128(tmp_path_factory):
+    """16 train and 4 test fields of 128 px with ground truth: the training and chain tests."""
+    return generate_dataset(tmp_path_factory.mktemp("synth128"), 16, 4, size=128, seed=0, progress=False)
+
+
+# ------------------------------------------------------------------ interruption
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [3, 8])
+def test_segment_killed_and_rerun_equals_an_uninterrupted_run(synth512, tmp_path, kill_after):
+    args = ["--data", str(synth512), "--split", "train", "--workers", "1"]
+    run_stage("03_segment.py", *args, "--run", str(tmp_path / "clean"))
+    out = tmp_path / "killed" / "masks" / "train"
+    kill_when(stage_cmd("03_segment.py", *args, "--run", str(tmp_path / "killed")),
+              lambda: len(list(out.glob("*_cellmask.png"))) >= kill_after, tmp_path / "killed.log")
+    n_before = len(list(out.glob("*_cellmask.png")))
+    assert kill_after <= n_before < 12 and not (out / "cells.csv").exists()
+    rerun = run_stage("03_segment.py", *args, "--run", str(tmp_path / "killed"))
+    assert f"{n_before} already done" in rerun.stderr
+    clean = tmp_path / "clean" / "masks" / "train"
+    a, b = mask_files(clean), mask_files(out)
+    assert len(a) == 24 and sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    ta = pd.read_csv(clean / "cells.csv", dtype={"ID": str})
+    tb = pd.read_csv(out / "cells.csv", dtype={"ID": str})
+    # "seconds" is wall time: NaN for images whose masks came from the killed run
+    pd.testing.assert_frame_equal(ta.drop(columns="seconds"), tb.drop(columns="seconds"))
+    assert not list(out.glob("*.tmp*")) or all(p.name.startswith(".") for p in out.glob("*.tmp*"))
+
+
+TRAIN_ARGS = ["image_model.arch=resnet18", "image_model.image_size=64", "image_model.train_crop=32",
+              "image_model.epochs=3", "image_model.samples_per_epoch=96", "image_model.batch_size=8",
+              "image_model.val_every=1", "image_model.folds=3", "num_workers=0", "device=cpu"]
+
+
+@pytest.mark.slow
+def test_training_killed_after_an_epoch_resumes_to_the_same_weights(synth128, tmp_path):
+    args = ["--data", str(synth128), "--profile", "quick", "--no-progress", *TRAIN_ARGS]
+    run_stage("01_train_image.py", *args, "--run", str(tmp_path / "clean"))
+    last = tmp_path / "killed" / "image_model" / "last.pt"
+    kill_when(stage_cmd("01_train_image.py", *args, "--run", str(tmp_path / "killed")), last.is_file,
+              tmp_path / "killed.log")
+    model = tmp_path / "killed" / "image_model" / "model.pt"
+    assert not model.exists(), "training finished before the kill"
+    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert 1 <= epoch < 3
+    rerun = run_stage("01_train_image.py", *args, "--run", str(tmp_path / "killed"))
+    assert f"resuming {last} from epoch {epoch + 1} of 3" in rerun.stderr
+    assert rerun.stderr.count("epoch 1/3:") == 0 and "epoch 3/3:" in rerun.stderr
+    metrics = pd.read_csv(tmp_path / "killed" / "image_model" / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2, 3]
+    clean_metrics = pd.read_csv(tmp_path / "clean" / "image_model" / "metrics.csv")
+    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), clean_metrics.drop(columns="seconds"))
+    assert_same_weights(tmp_path / "clean" / "image_model" / "model.pt", model)
