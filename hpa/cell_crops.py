@@ -40,7 +40,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .cells import cell_geometry
-from .fsutil import write_json, write_parquet
+from .fsutil import new_memmap, write_json, write_parquet
 from .io import read_field, read_mask, to_uint8
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def build_crop_cache(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
         index = index[INDEX_COLS].astype({"ID": str, "cell_id": "int64", "row": "int64", "area": "int64", "x0": "int64",
                                           "y0": "int64", "x1": "int64", "y1": "int64", "touches_border": bool})
         out_dir.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(p["tmp_npy"], mode="w+", dtype=np.uint8, shape=(len(index), 4, crop_size, crop_size))
+        mm = new_memmap(p["tmp_npy"], (len(index), 4, crop_size, crop_size))  # space reserved: a full disk fails here
         del mm
         write_parquet(p["tmp_index"], index)
         write_json(p["json"], dict(settings, partial=True))

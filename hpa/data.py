@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .constants import NUM_CLASSES
-from .fsutil import atomic_path, write_csv, write_json
+from .fsutil import atomic_path, new_memmap, write_csv, write_json
 from .io import InputError, read_field, resize_field, to_uint8
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
             if arr.shape != shape or done.shape != (len(ids),):
                 done = None
     if done is None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        arr = new_memmap(partial, shape)  # disk space reserved: a full disk fails here, naming the file
         done = np.zeros(len(ids), bool)
         write_json(partial.with_suffix(".json"), meta)
     else:

@@ -9,6 +9,7 @@ stage never leaves a half file that a later stage would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -30,8 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create output folder {path.parent}: {exc.strerror or exc}") from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        raise write_error(f"cannot create output folder {path.parent}", exc) from exc
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as exc:  # read-only folder, no space for even an empty file
+        raise write_error(f"could not write {path}", exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,10 +43,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise write_error(f"could not write {path}", exc) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def write_error(what: str, exc: OSError) -> OSError:
+    """``OSError("{what}: {reason}")`` keeping ``exc``'s errno (``ENOSPC``, ``EACCES``, ...)."""
+    err = OSError(f"{what}: {exc.strerror or exc}")
+    err.errno = exc.errno
+    return err
+
+
+def new_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype=None):
+    """Create a ``.npy`` file of ``shape`` (uint8 by default) opened as a writable memmap, its
+    disk space reserved up front.
+
+    Writing into a memmap whose file has holes kills the process with SIGBUS when the disk
+    fills up; reserving the space turns that into an ``OSError`` naming ``path`` and the size
+    before any work. File systems that cannot reserve space are used as they are.
+    """
+    import numpy as np
+
+    path = Path(path)
+    dtype = np.dtype(np.uint8 if dtype is None else dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise write_error(f"could not create {path}", exc) from exc
+    size = path.stat().st_size  # header + data
+    if hasattr(os, "posix_fallocate") and arr.nbytes:
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                del arr
+                path.unlink(missing_ok=True)
+                raise write_error(f"could not reserve {size / 2**20:.1f} MiB for {path}", exc) from exc
+    return arr
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -206,7 +206,7 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
         raise ValueError(f"{path}: instance labels must lie in 0..65535, got {mask.min()}..{mask.max()}")
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), mask.astype(np.uint16)):
-            raise OSError(f"could not write {path}")
+            raise OSError("OpenCV could not encode or write the PNG")  # atomic_path names the file
     return Path(path)
 
 
@@ -216,7 +216,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         arr = image[..., ::-1] if image.ndim == 3 else image  # OpenCV wants BGR
         if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
-            raise OSError(f"could not write {path}")
+            raise OSError("OpenCV could not encode or write the PNG")  # atomic_path names the file
     return Path(path)
 
 
