@@ -36,6 +36,7 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
         if p.is_file():
             report[f"pseudo_cycle{k}"] = json.loads(p.read_text())
     report["timings_s"] = read_timings(run)
+    report["input_problems"] = input_problems(run)
     if not gtmod.has_gt(data_dir):
         log.warning("%s has no gt/: nothing to score; the report lists timings and pseudo-label coverage only", data_dir)
         report["scored"] = False
@@ -64,6 +65,34 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
         report["submitted"] = fm
     report["scored"] = True
     return report
+
+
+#: ``skipped.csv`` files (``ID,reason``) of images a stage left out (``on_bad_image=skip``).
+SKIP_LISTS = (("01_train_image", "train", "image_model/skipped.csv"),
+              ("02_cam", "train", "cams/train/skipped.csv"), ("02_cam", "test", "cams/test/skipped.csv"),
+              ("03_segment", "train", "masks/train/skipped.csv"), ("03_segment", "test", "masks/test/skipped.csv"))
+
+
+def input_problems(run: str | Path) -> dict:
+    """Images left out by a stage and images without any cell, so that none goes unnoticed.
+
+    Returns ``{"skipped": [{"stage", "split", "ID", "reason"}, ...], "no_cells": [{"split",
+    "ID"}, ...]}`` from the stages' ``skipped.csv`` files and the ``n_cells == 0`` rows of
+    ``RUN/masks/{split}/cells.csv``.
+    """
+    run = Path(run)
+    skipped, no_cells = [], []
+    for stage, split, rel in SKIP_LISTS:
+        path = run / rel
+        if path.is_file():
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            skipped += [{"stage": stage, "split": split, "ID": i, "reason": r} for i, r in zip(df["ID"], df["reason"])]
+    for split in ("train", "test"):
+        path = run / "masks" / split / "cells.csv"
+        if path.is_file():
+            df = pd.read_csv(path, dtype={"ID": str})
+            no_cells += [{"split": split, "ID": i} for i in df.loc[df["n_cells"] == 0, "ID"]]
+    return {"skipped": skipped, "no_cells": no_cells}
 
 
 def write_report(run: str | Path, report: dict) -> None:
@@ -107,11 +136,33 @@ def render_markdown(r: dict) -> str:
         if "vs_ground_truth" in pr:
             line += f", precision {pr['vs_ground_truth']['overall_precision']:.3f} against true cell labels"
         lines += (["", "## Pseudo-labels", ""] if k == 1 or "pseudo_cycle1" not in r else []) + [line]
+    lines += _problem_lines(r.get("input_problems") or {})
     if r.get("timings_s"):
         lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()]
         lines.append(f"| total | {sum(r['timings_s'].values()):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _problem_lines(problems: dict, limit: int = 50) -> list[str]:
+    """Markdown of :func:`input_problems`: every skip with its reason, then images without cells."""
+    skipped, no_cells = problems.get("skipped", []), problems.get("no_cells", [])
+    if not skipped and not no_cells:
+        return []
+    lines = ["", "## Images left out or without cells", ""]
+    if skipped:
+        ids = {(s["split"], s["ID"]) for s in skipped}
+        lines += [f"{len(ids)} image(s) skipped as unreadable (on_bad_image=skip):", "",
+                  "| stage | split | ID | reason |", "|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['split']} | {s['ID']} | {s['reason'].replace('|', '/')} |"
+                  for s in skipped[:limit]]
+        if len(skipped) > limit:
+            lines.append(f"| ... | | {len(skipped) - limit} more rows in report.json | |")
+    if no_cells:
+        lines += ["", f"{len(no_cells)} image(s) without any segmented cell (empty masks; no cell predictions): "
+                  + ", ".join(f"{c['ID']} ({c['split']})" for c in no_cells[:limit])
+                  + (f" and {len(no_cells) - limit} more (report.json)" if len(no_cells) > limit else "")]
+    return lines
 
 
 def plot_ap(path: Path, methods: dict) -> None:
@@ -140,6 +191,12 @@ def plot_ap(path: Path, methods: dict) -> None:
 def summary_table(report: dict) -> str:
     """The few lines run_all.sh prints at the end."""
     if not report.get("methods"):
-        return "no ground truth: nothing scored (see report.md for coverage and timings)"
-    rows = [f"{m:<10} mAP={v['mAP']:.4f}  {DESCRIPTIONS.get(m, '')}" for m, v in report["methods"].items()]
+        rows = ["no ground truth: nothing scored (see report.md for coverage and timings)"]
+    else:
+        rows = [f"{m:<10} mAP={v['mAP']:.4f}  {DESCRIPTIONS.get(m, '')}" for m, v in report["methods"].items()]
+    problems = report.get("input_problems") or {}
+    n_skip = len({(s["split"], s["ID"]) for s in problems.get("skipped", [])})
+    n_empty = len(problems.get("no_cells", []))
+    if n_skip or n_empty:
+        rows.append(f"{n_skip} image(s) skipped as unreadable, {n_empty} without any cell: listed in report.md")
     return "\n".join(rows)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpa.config import add_common_args, setup_run  # noqa: E402
+from hpa.config import ConfigError, add_common_args, setup_run  # noqa: E402
 from hpa.fsutil import parse_shard  # noqa: E402
-from hpa.io import list_split  # noqa: E402
+from hpa.io import InputError, list_split  # noqa: E402
 from hpa.log import setup_logging  # noqa: E402
 from hpa.segment import available_segmenters  # noqa: E402
 from hpa.segment.run import merge_tables, segment_split, segmenter_settings  # noqa: E402
@@ -38,6 +38,13 @@ def main(argv=None):
     ap.add_argument("--merge", type=int, metavar="N", default=None, help="only merge the N shard tables into cells.csv")
     args = ap.parse_args(argv)
     setup_logging()
+    try:
+        run(args)
+    except (ConfigError, InputError, FileNotFoundError) as exc:  # bad settings or data: the message says what and where
+        sys.exit(f"03_segment: error: {exc}")
+
+
+def run(args):
     overrides = list(args.overrides)
     for key, value in (("segmenter", args.segmenter), ("nuclei_model", args.nuclei_model), ("cell_model", args.cell_model)):
         if value is not None:

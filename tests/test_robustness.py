@@ -136,3 +136,41 @@ def test_training_killed_after_an_epoch_resumes_to_the_same_weights(synth128, tm
     clean_metrics = pd.read_csv(tmp_path / "clean" / "image_model" / "metrics.csv")
     pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), clean_metrics.drop(columns="seconds"))
     assert_same_weights(tmp_path / "clean" / "image_model" / "model.pt", model)
+
+
+# ------------------------------------------------------------------ determinism
+CHEAP_TRAIN = ["image_model.arch=resnet18", "image_model.image_size=64", "image_model.train_crop=32",
+               "image_model.epochs=1", "image_model.samples_per_epoch=32", "image_model.batch_size=8",
+               "image_model.folds=3", "num_workers=0", "device=cpu", "cam.overlay_max_images=0"]
+
+
+def run_chain(data: Path, run: Path, *extra: str, to_stage: int = 4) -> None:
+    """Stages 01-04 (cycle 1) on the train split; with ``to_stage=7`` the test split and stages 05-07 too."""
+    run_stage("01_train_image.py", "--data", str(data), "--run", str(run), "--profile", "quick", "--no-progress",
+              *CHEAP_TRAIN, *extra)
+    splits = ("train", "test") if to_stage >= 7 else ("train",)
+    for split in splits:
+        run_stage("03_segment.py", "--run", str(run), "--split", split)
+        run_stage("02_cam.py", "--run", str(run), "--split", split)
+    run_stage("04_pseudo_label.py", "--run", str(run), "--cycle", "1")
+    if to_stage >= 7:
+        run_stage("05_train_cell.py", "--run", str(run), "--cycle", "1")
+        run_stage("06_predict.py", "--run", str(run))
+        run_stage("07_evaluate.py", "--run", str(run))
+
+
+@pytest.mark.slow
+def test_same_data_seed_and_settings_give_identical_outputs(synth128, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        run_chain(synth128, run)
+    ma, mb = mask_files(a / "masks" / "train"), mask_files(b / "masks" / "train")
+    assert len(ma) == 32 and ma == mb
+    for rel in ("cells/train.parquet", "cycle1/pseudo_labels.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(a / rel), pd.read_parquet(b / rel), check_exact=True, obj=rel)
+    assert len(pd.read_parquet(a / "cycle1/pseudo_labels.parquet")) > 0
+    pd.testing.assert_frame_equal(pd.read_csv(a / "cams/train/probs.csv"), pd.read_csv(b / "cams/train/probs.csv"),
+                                  check_exact=True)
+    assert (a / "splits.csv").read_bytes() == (b / "splits.csv").read_bytes()
+    assert np.array_equal(np.load(a / "cache/train_64.npy"), np.load(b / "cache/train_64.npy"))
+    assert_same_weights(a / "image_model/model.pt", b / "image_model/model.pt")

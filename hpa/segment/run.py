@@ -9,6 +9,8 @@ exist is skipped unless ``force``; its row is kept from the earlier table or
 recomputed from its masks. Unreadable images either stop the run (``on_bad_image =
 "error"``, the message names the file; channel files are checked before any work)
 or are recorded in ``OUT/skipped.csv`` (``ID,reason``) and left out (``"skip"``).
+An image in which no cell is found (dark, no nuclear stain) keeps two empty masks and a
+row with ``n_cells`` 0; the report lists such images (:func:`hpa.report.input_problems`).
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ def segment_images(ids: list[str], image_dir: str | os.PathLike, out_dir: str | 
         write_csv(skip_path, pd.DataFrame(skipped, columns=SKIPPED_COLUMNS))
     if skipped:
         log.warning("%d image(s) skipped, listed in %s", len(skipped), skip_path)
+    empty = table.loc[table["n_cells"] == 0, "ID"].tolist()
+    if empty:  # kept with empty masks (n_cells 0 in the table); later stages give them no cells
+        log.warning("%d image(s) without any cell (empty masks, n_cells 0 in %s): %s", len(empty), table_path,
+                    ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
     return table
 
 
