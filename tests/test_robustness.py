@@ -174,3 +174,132 @@ def test_same_data_seed_and_settings_give_identical_outputs(synth128, tmp_path):
     assert (a / "splits.csv").read_bytes() == (b / "splits.csv").read_bytes()
     assert np.array_equal(np.load(a / "cache/train_64.npy"), np.load(b / "cache/train_64.npy"))
     assert_same_weights(a / "image_model/model.pt", b / "image_model/model.pt")
+
+
+# ------------------------------------------------------------------ bad input, one case at a time
+def stage_module(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{script[:2]}", ROOT / "stages" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rewrite_channel(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.unlink()
+    Image.fromarray(array).save(path)
+
+
+def break_data(root: Path, case: str) -> list[str]:
+    """Damage img002 (or the labels) of a tiny data set; returns what the error must say."""
+    train, csv = root / "train", root / "train.csv"
+    if case == "truncated_png":
+        p = train / "img002_green.png"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        return ["img002_green.png", "cannot read image"]
+    if case == "missing_channel":
+        (train / "img002_yellow.png").unlink()
+        return ["img002_yellow", "lack channel files"]
+    if case == "sizes_differ":
+        rewrite_channel(train / "img002_red.png", np.zeros((32, 40), np.uint8))
+        return ["img002", "channels differ in size", "img002_red.png 40x32"]
+    if case == "unknown_class":
+        df = pd.read_csv(csv, dtype=str)
+        df.loc[2, "Label"] = "1|19"
+        df.to_csv(csv, index=False)
+        return [f"{csv} row 4", "class 19 outside 0..18"]
+    if case == "duplicate_id":
+        df = pd.read_csv(csv, dtype=str)
+        pd.concat([df, df.iloc[[1]]]).to_csv(csv, index=False)
+        return [f"{csv} row 8", "duplicate ID 'img001' (first at row 3)"]
+    if case == "id_without_images":
+        df = pd.read_csv(csv, dtype=str)
+        pd.concat([df, pd.DataFrame({"ID": ["img999"], "Label": ["1"]})]).to_csv(csv, index=False)
+        return ["1 of 7 images lack channel files", "img999_red"]
+    raise ValueError(case)
+
+
+#: cases found before any image is decoded (labels, file lists) vs. while decoding (file contents)
+UPFRONT = ("missing_channel", "unknown_class", "duplicate_id", "id_without_images")
+CASES = ("truncated_png", "sizes_differ") + UPFRONT
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stage_01_bad_input_is_a_clear_error_before_training(tmp_path, case):
+    from tiny_fields import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", n=6, size=32)
+    expected = break_data(root, case)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        stage_module("01_train_image.py").main(["--data", str(root), "--run", str(run), "--profile", "quick",
+                                                "--no-progress", "image_model.image_size=32"])
+    msg = str(err.value)
+    assert msg.startswith("01_train_image: error: ") and all(e in msg for e in expected), msg
+    assert not (run / "image_model").exists()  # training never started
+    if case in UPFRONT:
+        assert not (run / "cache").exists() and not (run / "splits.csv").exists()
+    else:  # found while decoding: the message says how to go on without the image
+        assert "on_bad_image=skip" in msg and not (run / "cache" / "train_32.npy").exists()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stage_03_bad_input_is_a_clear_error_or_a_recorded_skip(tmp_path, case):
+    from tiny_fields import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", n=6, size=32)
+    expected = break_data(root, case)
+    args = ["--data", str(root), "--split", "train", "--profile", "quick", "--workers", "1"]
+    with pytest.raises(SystemExit) as err:
+        stage_module("03_segment.py").main([*args, "--run", str(tmp_path / "run")])
+    msg = str(err.value)
+    assert msg.startswith("03_segment: error: ") and all(e in msg for e in expected), msg
+    out = tmp_path / "run" / "masks" / "train"
+    if case in UPFRONT:
+        assert not list(out.glob("*_cellmask.png"))  # nothing segmented before the error
+    if case in ("unknown_class", "duplicate_id"):
+        return  # the labels file is wrong, not an image: no setting skips it
+    stage_module("03_segment.py").main([*args, "--run", str(tmp_path / "skip"), "on_bad_image=skip"])
+    out = tmp_path / "skip" / "masks" / "train"
+    bad_id = "img999" if case == "id_without_images" else "img002"
+    skipped = pd.read_csv(out / "skipped.csv", dtype=str)
+    reason = {"truncated_png": "img002_green.png: cannot read image", "missing_channel": "img002_yellow",
+              "sizes_differ": "channels differ in size", "id_without_images": "img999_red"}[case]
+    assert skipped["ID"].tolist() == [bad_id] and reason in skipped["reason"][0]
+    table = pd.read_csv(out / "cells.csv", dtype={"ID": str})
+    assert bad_id not in set(table["ID"]) and len(table) == 5 + (case == "id_without_images")
+    assert not (out / f"{bad_id}_cellmask.png").exists()
+
+
+def test_a_16_bit_field_among_8_bit_ones_is_scaled_by_bit_depth(synth128, tmp_path):
+    """The same field saved as 16-bit (x257), or with one 16-bit channel, gives the same masks and cache rows."""
+    import shutil
+
+    from hpa.data import build_field_cache
+    from hpa.io import read_field, write_field
+
+    ids = pd.read_csv(synth128 / "train.csv", dtype=str)["ID"].tolist()[:3]
+    for name in ("d8", "d16"):
+        (tmp_path / name / "train").mkdir(parents=True)
+        for i in ids:
+            for p in (synth128 / "train").glob(f"{i}_*.png"):
+                shutil.copy(p, tmp_path / name / "train" / p.name)
+        pd.read_csv(synth128 / "train.csv").iloc[:3].to_csv(tmp_path / name / "train.csv", index=False)
+    field = read_field(synth128 / "train", ids[1])
+    write_field(tmp_path / "d16" / "train", ids[1], field.astype(np.uint16) * 257)  # a whole 16-bit field
+    rewrite_channel(tmp_path / "d16" / "train" / f"{ids[2]}_green.png",  # one 16-bit channel among 8-bit ones
+                    read_field(synth128 / "train", ids[2])[1].astype(np.uint16) * 257)
+    assert read_field(tmp_path / "d16" / "train", ids[1]).dtype == np.uint16
+    for name in ("d8", "d16"):
+        stage_module("03_segment.py").main(["--data", str(tmp_path / name), "--run", str(tmp_path / f"run{name}"),
+                                            "--split", "train", "--profile", "quick", "--workers", "1"])
+    m8, m16 = mask_files(tmp_path / "rund8/masks/train"), mask_files(tmp_path / "rund16/masks/train")
+    assert len(m8) == 6 and m8 == m16
+    assert (pd.read_csv(tmp_path / "rund8/masks/train/cells.csv")["n_cells"] > 0).all()
+    c8 = build_field_cache(tmp_path / "d8", "train", ids, 64, tmp_path / "c8.npy", progress=False)
+    c16 = build_field_cache(tmp_path / "d16", "train", ids, 64, tmp_path / "c16.npy", progress=False)
+    assert np.abs(c8.astype(int) - c16.astype(int)).max() <= 1  # resized in 16 bit, then the high byte
+    assert np.array_equal(c8[0], c16[0]) and abs(c8[1].mean() - c16[1].mean()) < 0.5
