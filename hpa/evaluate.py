@@ -111,9 +111,10 @@ def predict_test(run: str | Path, cfg: dict, force: bool = False) -> tuple[Path,
 
     Uses the cell model chosen by ``predict.cycle`` combined with the image model by
     :func:`hpa.predict.combine`. Every test image gets a row in the submission, an empty
-    prediction string when no cell was found in it.
+    prediction string when no cell was found in it or when an earlier stage skipped it as
+    unreadable (its size then comes from its channel files' headers).
     """
-    from .io import list_split
+    from .io import field_size, list_split
     from .labelling import cell_table, usable_ids
     from .submission import write_submission
 
@@ -129,16 +130,20 @@ def predict_test(run: str | Path, cfg: dict, force: bool = False) -> tuple[Path,
 
     pred_path = write_parquet(run / "predictions_test.parquet", preds)
     ids, _ = list_split(data_dir, "test")
-    ids = usable_ids(run, "test", ids)
+    usable = set(usable_ids(run, "test", ids))
     groups = table.groupby("ID", sort=False).indices
     cell_ids = table["cell_id"].to_numpy()
 
     def rows():
         for i in ids:
+            if i not in usable:  # skipped (listed in skipped.csv and the report): a row without predictions
+                yield i, np.zeros(field_size(data_dir / "test", i), np.uint8), np.zeros(0, np.int64), conf[:0]
+                continue
             mask = read_mask(run / "masks" / "test" / f"{i}_cellmask.png")
             idx = groups.get(i, np.zeros(0, np.int64))
             yield i, mask, cell_ids[idx], conf[idx]
 
     sub = write_submission(run / "submission.csv", rows())
-    log.info("%s: %d cells of %d images with the %s cell model", sub, len(table), len(ids), method)
+    log.info("%s: %d cells of %d images with the %s cell model (%d skipped images without predictions)", sub,
+             len(table), len(ids), method, len(ids) - len(usable))
     return pred_path, sub

@@ -116,6 +116,34 @@ def read_field(folder: str | os.PathLike, image_id: str) -> np.ndarray:
     return np.stack(chans)
 
 
+def field_size(folder: str | os.PathLike, image_id: str) -> tuple[int, int]:
+    """``(H, W)`` of a field from the headers of its channel files, without decoding pixels.
+
+    For an image that cannot be decoded (a truncated file, a missing channel): the first
+    channel file whose header reads gives the size. Raises :class:`InputError` when none does.
+    """
+    folder = Path(folder)
+    errors = []
+    for ch in CHANNELS:
+        for ext in IMAGE_EXTENSIONS:
+            p = folder / f"{image_id}_{ch}{ext}"
+            if not p.is_file():
+                continue
+            try:
+                if ext in (".tif", ".tiff"):
+                    import tifffile
+
+                    with tifffile.TiffFile(p) as tif:
+                        shape = tif.pages[0].shape
+                    return (shape[0], shape[1]) if len(shape) == 2 or shape[-1] in (3, 4) else (shape[1], shape[2])
+                with Image.open(p) as im:
+                    return im.size[1], im.size[0]
+            except Exception as exc:  # collected: the error below lists every file tried
+                errors.append(f"{p.name} ({type(exc).__name__}: {exc})")
+    raise InputError(f"image {image_id!r} in {folder}: no channel file with a readable header"
+                     + (": " + "; ".join(errors) if errors else ""))
+
+
 def to_float(field: np.ndarray) -> np.ndarray:
     """Scale a uint8/uint16 array to float32 in [0, 1] by its bit depth."""
     if field.dtype == np.uint8:

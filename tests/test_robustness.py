@@ -303,3 +303,75 @@ def test_a_16_bit_field_among_8_bit_ones_is_scaled_by_bit_depth(synth128, tmp_pa
     c16 = build_field_cache(tmp_path / "d16", "train", ids, 64, tmp_path / "c16.npy", progress=False)
     assert np.abs(c8.astype(int) - c16.astype(int)).max() <= 1  # resized in 16 bit, then the high byte
     assert np.array_equal(c8[0], c16[0]) and abs(c8[1].mean() - c16[1].mean()) < 0.5
+
+
+@pytest.mark.slow
+def test_chain_with_on_bad_image_skip_records_every_bad_image_and_copes_with_empty_fields(synth128, tmp_path):
+    """Whole chain (cycle 1) on data with dark, cell-less and unreadable fields, ``on_bad_image=skip``:
+    unreadable images are recorded by each stage and listed in the report; fields without cells
+    keep empty masks, give no cell rows, an empty submission string, and are listed too."""
+    import shutil
+
+    from hpa.io import read_field, read_mask, write_field
+    from hpa.submission import read_submission
+
+    data = tmp_path / "data"
+    shutil.copytree(synth128, data)
+    train = pd.read_csv(data / "train.csv", dtype=str)["ID"].tolist()
+    test = pd.read_csv(data / "test.csv", dtype=str)["ID"].tolist()
+    black, no_nuclei, truncated, missing, t_black, t_truncated = train[0], train[1], train[2], train[3], test[0], test[1]
+    for folder, image_id in ((data / "train", black), (data / "test", t_black)):
+        write_field(folder, image_id, np.zeros((4, 128, 128), np.uint8))
+    f = read_field(data / "train", no_nuclei)
+    f[2] = 0  # no nuclear stain: no nucleus, so no cell
+    write_field(data / "train", no_nuclei, f)
+    for p in (data / "train" / f"{truncated}_green.png", data / "test" / f"{t_truncated}_blue.png"):
+        p.write_bytes(p.read_bytes()[:200])
+    (data / "train" / f"{missing}_yellow.png").unlink()
+
+    run = tmp_path / "run"
+    run_chain(data, run, "on_bad_image=skip", "cell_model.epochs=1", to_stage=7)
+
+    bad_train = {truncated, missing}
+    assert set(pd.read_csv(run / "image_model/skipped.csv", dtype=str)["ID"]) == bad_train
+    for split, bad in (("train", bad_train), ("test", {t_truncated})):
+        for stage_dir in ("masks", "cams"):
+            assert set(pd.read_csv(run / stage_dir / split / "skipped.csv", dtype=str)["ID"]) == bad, (stage_dir, split)
+    cells_csv = pd.read_csv(run / "masks/train/cells.csv", dtype={"ID": str}).set_index("ID")
+    assert cells_csv.loc[[black, no_nuclei], "n_cells"].tolist() == [0, 0] and not bad_train & set(cells_csv.index)
+    assert read_mask(run / "masks/train" / f"{black}_cellmask.png").max() == 0
+    table = pd.read_parquet(run / "cells/train.parquet")
+    assert not {black, no_nuclei} & set(table["ID"]) and len(table) > 50
+    assert not {black, no_nuclei} & set(pd.read_parquet(run / "cycle1/pseudo_labels.parquet")["ID"])
+    sub = read_submission(run / "submission.csv")
+    assert list(sub) == test  # every test image has a row, the skipped one too
+    assert sub[t_black].n_predictions == sub[t_truncated].n_predictions == 0 and sub[test[2]].n_predictions > 0
+    assert (sub[t_truncated].width, sub[t_truncated].height) == (128, 128)
+
+    report = __import__("json").loads((run / "report.json").read_text())
+    problems = report["input_problems"]
+    listed = {(s["stage"], s["split"], s["ID"]) for s in problems["skipped"]}
+    assert {("01_train_image", "train", i) for i in bad_train} <= listed
+    assert {("03_segment", "test", t_truncated), ("02_cam", "test", t_truncated)} <= listed
+    assert all(s["reason"] for s in problems["skipped"])
+    assert {(c["split"], c["ID"]) for c in problems["no_cells"]} == {("train", black), ("train", no_nuclei),
+                                                                    ("test", t_black)}
+    md = (run / "report.md").read_text()
+    assert "## Images left out or without cells" in md and f"{truncated}_green.png" in md and t_black in md
+    assert report["methods"]["cycle1"]["mAP"] >= 0
+
+
+def test_field_size_reads_headers_of_an_undecodable_field(tmp_path):
+    from hpa.io import InputError, field_size, read_field, write_field
+
+    write_field(tmp_path, "a", np.full((4, 30, 50), 7, np.uint8))
+    p = tmp_path / "a_red.png"
+    p.write_bytes(p.read_bytes()[:60])  # header kept, pixels cut
+    (tmp_path / "a_green.png").unlink()
+    with pytest.raises(InputError):
+        read_field(tmp_path, "a")
+    assert field_size(tmp_path, "a") == (30, 50)
+    for p in tmp_path.glob("a_*.png"):
+        p.write_bytes(b"\x89PNG broken")
+    with pytest.raises(InputError, match=r"image 'a' in .*: no channel file with a readable header: a_red.png"):
+        field_size(tmp_path, "a")
