@@ -8,6 +8,7 @@ uninterrupted and the resumed runs compute in the same order and can be compared
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -375,3 +376,92 @@ def test_field_size_reads_headers_of_an_undecodable_field(tmp_path):
         p.write_bytes(b"\x89PNG broken")
     with pytest.raises(InputError, match=r"image 'a' in .*: no channel file with a readable header: a_red.png"):
         field_size(tmp_path, "a")
+
+
+# ------------------------------------------------------------------ disk full, no permission
+def no_space(*args, **kw):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name or ".partial" in p.name)
+
+
+def test_full_disk_while_writing_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from hpa import fsutil
+
+    target = tmp_path / "out" / "table.csv"
+    fsutil.write_csv(target, pd.DataFrame({"a": [1]}))
+    monkeypatch.setattr(fsutil.os, "replace", no_space)  # the data went to the temporary file, the rename fails
+    with pytest.raises(OSError, match=rf"could not write {target}: No space left on device") as err:
+        fsutil.write_csv(target, pd.DataFrame({"a": [2]}))
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=rf"could not write {tmp_path / 'out' / 'b.parquet'}: No space left") as err:
+        with fsutil.atomic_path(tmp_path / "out" / "b.parquet") as tmp:
+            tmp.write_bytes(b"half a file")  # the write itself fails half-way
+            no_space()
+    assert pd.read_csv(target)["a"].tolist() == [1] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["table.csv"]
+
+
+def test_unwritable_output_folder_names_the_path(tmp_path, monkeypatch):
+    from hpa import fsutil
+
+    def denied(*args, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root writes through chmod: make the file system calls fail as they would
+        monkeypatch.setattr(fsutil.tempfile, "mkstemp", denied)
+    else:
+        folder.chmod(0o555)
+    try:
+        with pytest.raises(OSError, match=rf"could not write {folder / 'x.json'}: Permission denied") as err:
+            fsutil.write_json(folder / "x.json", {"a": 1})
+        assert err.value.errno == errno.EACCES
+        if os.geteuid() == 0:
+            monkeypatch.setattr(fsutil.Path, "mkdir", denied)
+        with pytest.raises(OSError, match=rf"cannot create output folder {folder / 'sub'}: Permission denied"):
+            fsutil.write_text(folder / "sub" / "y.txt", "y")
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_stage_03_on_a_full_disk_fails_naming_the_mask_and_resumes_once_there_is_space(tmp_path, monkeypatch):
+    from hpa import fsutil
+    from tiny_fields import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", n=6, size=48)
+    args = ["--data", str(root), "--run", str(tmp_path / "run"), "--split", "train", "--profile", "quick",
+            "--workers", "1"]
+    replace, calls = os.replace, []
+
+    def fills_up(src, dst):
+        calls.extend([dst] if str(dst).endswith("mask.png") else [])
+        if len(calls) > 5:  # the disk is full after two images and a half (nuclei mask first, then cells)
+            no_space()
+        replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", fills_up)
+    with pytest.raises(OSError, match=r"could not write .*img002_cellmask.png: No space left on device"):
+        stage_module("03_segment.py").main(args)
+    out = tmp_path / "run" / "masks" / "train"
+    assert leftovers(out) == [] and not (out / "img002_cellmask.png").exists() and not (out / "cells.csv").exists()
+    monkeypatch.undo()
+    stage_module("03_segment.py").main(args)  # space freed: the same command finishes the split
+    assert len(pd.read_csv(out / "cells.csv")) == 6 and len(mask_files(out)) == 12 and leftovers(out) == []
+
+
+def test_field_cache_on_a_full_disk_fails_before_decoding_naming_the_file(tmp_path, monkeypatch):
+    from hpa.data import build_field_cache
+    from tiny_fields import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", n=4, size=32)
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    cache = tmp_path / "run" / "cache" / "train_32.npy"
+    with pytest.raises(OSError, match=r"could not reserve 0\.0 MiB for .*train_32\.partial\.npy: No space left"):
+        build_field_cache(root, "train", [f"img{i:03d}" for i in range(4)], 32, cache, progress=False)
+    assert not cache.exists() and leftovers(tmp_path / "run") == []
