@@ -17,9 +17,11 @@ Per stage process it records the wall time, the peak resident memory of the stag
 the stage with its worker processes: the stage's resident size plus the workers' private pages
 (``/proc/PID/smaps_rollup`` sampled every 100 ms, at least ``ru_maxrss``; pages workers share
 with the stage through the fork, and shared libraries, count once). It prints a table and,
-last, the ratio peak(N_max) / peak(N_min) per stage: flat memory gives about 1.0.
+last, the ratio peak(N_max) / peak(N_min) per stage: flat memory gives about 1.0. The with-workers figure varies from run to run by about +-10%
+(pages a forked worker shares with the stage become the worker's own when either writes
+them), so ``--repeats`` runs everything again on fresh runs and reports the largest peak.
 
-    python benchmarks/memory.py [--sizes 50 200] [--work DIR] [--workers 2] [--keep]
+    python benchmarks/memory.py [--sizes 50 200] [--repeats 2] [--work DIR] [--workers 2] [--keep]
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ def _helper(what: str, run: Path, data: Path) -> None:
     subprocess.run([sys.executable, __file__, "--helper", what, str(run), str(data)], cwd=ROOT, check=True)
 
 
-def measure(n: int, work: Path, src: Path, pool: list, workers: int, overrides: list[str]) -> list[dict]:
+def measure(n: int, work: Path, src: Path, pool: list, workers: int, overrides: list[str], repeat: int = 0) -> list[dict]:
+    """Every stage of :data:`STAGES` once on a fresh run over N fields; one row per stage."""
     data = make_data(work / f"data-{n}", src, pool, n)
     run = work / f"run-{n}"
     if run.exists():
@@ -197,8 +200,8 @@ def measure(n: int, work: Path, src: Path, pool: list, workers: int, overrides: 
         if script == "06_predict.py":
             _helper("cell-probs", run, data)
         res = run_measured(cmd, env_log)
-        rows.append({"N": n, "stage": name, **res})
-        print(f"N={n:4d}  {name:18s} {res['seconds']:7.1f} s  process {res['maxrss_mib']:7.0f} MiB  "
+        rows.append({"N": n, "stage": name, "repeat": repeat, **res})
+        print(f"N={n:4d} #{repeat}  {name:18s} {res['seconds']:7.1f} s  process {res['maxrss_mib']:7.0f} MiB  "
               f"with workers {res['tree_mib']:7.0f} MiB", flush=True)
     return rows
 
@@ -208,6 +211,7 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="numbers of fields per split")
     ap.add_argument("--work", default=None, help="folder for data links and runs (default: a temporary folder)")
     ap.add_argument("--workers", type=int, default=2, help="num_workers of the stages")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per N (peaks: the largest; the range is shown)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="extra settings for the runs")
     ap.add_argument("--helper", nargs=3, metavar=("WHAT", "RUN", "DATA"), help=argparse.SUPPRESS)
@@ -222,18 +226,28 @@ def main(argv=None):
     print(f"fields: {what}; work folder {work}; {os.cpu_count()} CPUs", flush=True)
     rows = []
     try:
-        for n in sorted(args.sizes):
-            rows += measure(n, work, src, pool, args.workers, args.overrides)
+        for repeat in range(args.repeats):
+            for n in sorted(args.sizes):
+                rows += measure(n, work, src, pool, args.workers, args.overrides, repeat)
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    df = pd.DataFrame(rows)
+    print_summary(pd.DataFrame(rows), min(args.sizes), max(args.sizes))
+
+
+def print_summary(df: pd.DataFrame, lo: int, hi: int) -> None:
+    """Table of seconds and peaks (MiB) per N and stage over repeats, then the ratio line."""
+    order = {name: k for k, (name, _, _) in enumerate(STAGES)}
+    g = df.groupby(["N", "stage"])
+    table = pd.DataFrame({"seconds": g["seconds"].mean(), "process_MiB": g["maxrss_mib"].max(),
+                          "process_min": g["maxrss_mib"].min(), "with_workers_MiB": g["tree_mib"].max(),
+                          "with_workers_min": g["tree_mib"].min()}).reset_index()
+    table = table.sort_values(["N", "stage"], key=lambda c: c.map(order) if c.name == "stage" else c)
     print()
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    lo, hi = min(args.sizes), max(args.sizes)
-    a, b = (df[df["N"] == n].set_index("stage") for n in (lo, hi))
-    ratios = ", ".join(f"{s} {b.loc[s, 'tree_mib'] / a.loc[s, 'tree_mib']:.2f}/"
-                       f"{b.loc[s, 'maxrss_mib'] / a.loc[s, 'maxrss_mib']:.2f}" for s in a.index)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
+    a, b = (table[table["N"] == n].set_index("stage") for n in (lo, hi))
+    ratios = ", ".join(f"{s} {b.loc[s, 'with_workers_MiB'] / a.loc[s, 'with_workers_MiB']:.2f}/"
+                       f"{b.loc[s, 'process_MiB'] / a.loc[s, 'process_MiB']:.2f}" for s in a.index)
     print(f"peak({hi})/peak({lo}) per stage (stage + workers / largest process): {ratios}")
 
 
