@@ -11,6 +11,8 @@ Columns of ``RUN/cells/{split}.parquet`` (written by stage 04 for train, stage 0
 - ``cam_mean_0..18`` and ``cam_topk_0..18``: mean and top-k mean of the image's
   normalised CAM (ReLU, divided by its maximum over the image; [0, 1]) inside the cell;
   NaN for classes whose CAM was not stored (train: only the image's labels)
+- ``view_p0..18`` (when the image model is available): its probabilities for the cell
+  alone, every other pixel zeroed (:mod:`hpa.cell_view`)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 IMG_COLS = [f"img_p{c}" for c in range(NUM_CLASSES)]
 CAM_MEAN_COLS = [f"cam_mean_{c}" for c in range(NUM_CLASSES)]
 CAM_TOPK_COLS = [f"cam_topk_{c}" for c in range(NUM_CLASSES)]
+VIEW_COLS = [f"view_p{c}" for c in range(NUM_CLASSES)]
 
 
 def cell_geometry(cell_mask: np.ndarray) -> pd.DataFrame:
@@ -137,11 +140,13 @@ def image_cell_rows(image_id: str, cell_mask: np.ndarray, probs: np.ndarray, cam
 
 
 def build_cell_table(ids: list[str], masks_dir: str | Path, cams_dir: str | Path, topk_frac: float = 0.25,
-                     work_size: int = 512) -> pd.DataFrame:
+                     work_size: int = 512, view=None) -> pd.DataFrame:
     """Cell table of a split from its masks (stage 03) and CAMs (stage 02).
 
     Images without a mask file are an error naming the file; images without a CAM file
-    are an error too (run stage 02 for the split first).
+    are an error too (run stage 02 for the split first). ``view``: optional callable
+    ``(image_id, cell_mask) -> float (N, 19)``, the image model's probabilities for each
+    cell alone (:class:`hpa.cell_view.CellViewer`), stored as ``view_p0..18``.
     """
     from .cam import load_cam, normalize_cams
 
@@ -151,7 +156,14 @@ def build_cell_table(ids: list[str], masks_dir: str | Path, cams_dir: str | Path
         mask = read_mask(masks_dir / f"{image_id}_cellmask.png")
         rec = load_cam(cams_dir / f"{image_id}.npz")
         cams = normalize_cams(rec.cams) if len(rec.classes) else None
-        parts.append(image_cell_rows(image_id, mask, rec.probs, cams, list(rec.classes), topk_frac, work_size))
+        rows = image_cell_rows(image_id, mask, rec.probs, cams, list(rec.classes), topk_frac, work_size)
+        if view is not None:
+            probs = view(image_id, mask)
+            rows[VIEW_COLS] = probs[rows["cell_id"].to_numpy() - 1] if len(rows) else np.zeros((0, NUM_CLASSES))
+        parts.append(rows)
     if not parts:
-        return image_cell_rows("", np.zeros((1, 1), np.int32), np.zeros(NUM_CLASSES), None, [], topk_frac, work_size)
+        empty = image_cell_rows("", np.zeros((1, 1), np.int32), np.zeros(NUM_CLASSES), None, [], topk_frac, work_size)
+        if view is not None:
+            empty[VIEW_COLS] = np.zeros((0, NUM_CLASSES), np.float32)
+        return empty
     return pd.concat(parts, ignore_index=True)

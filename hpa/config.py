@@ -90,7 +90,9 @@ DEFAULTS: dict[str, Any] = {
         "topk_frac": 0.25,  # top-k mean over this fraction of the cell's pixels
         "work_size": 512,  # CAM scores are computed on cell masks reduced to this longest side
         "times_image_prob": True,  # multiply cell CAM scores by the image-level probability
-        "pos_quantile": 0.5,  # per-class positive threshold: this quantile of best-class scores of labelled cells
+        "cell_view": True,  # cell tables get the image model's isolated-cell probabilities (hpa/cell_view.py)
+        "view_weight": 0.75,  # evidence = (1-v) x CAM score x image prob + v x isolated-cell prob (0: CAM only)
+        "pos_quantile": 0.3,  # per-class positive threshold: this quantile of best-class scores of labelled cells
         "pos_min": 0.3,  # ... but never below this
         "neg_threshold": 0.1,  # a cell whose best score is below this becomes Negative (18)
         "cycle2_weight": 0.5,  # cycle 2: evidence = (1-w) * CAM score + w * cycle-1 cell probability

@@ -5,6 +5,8 @@ Methods scored side by side on the test split (all on the same predicted masks):
 
 1. ``broadcast``: the image model's probabilities given to every cell (no CAM, no cell model);
 2. ``cam``: cell CAM score x image probability (:func:`hpa.predict.cam_confidences`);
+   ``cellview``: the image model's probability for the cell alone x image probability
+   (:func:`hpa.predict.view_confidences`; when the cell table has ``view_p*`` columns);
 3. ``cycle1`` / 4. ``cycle2``: the cell model of that cycle combined with the image model
    by :func:`hpa.predict.combine` with the run's ``predict`` settings;
 5. ``oracle``: the same cell classifier and budget trained on the true cell labels (upper bound).
@@ -22,13 +24,13 @@ from . import gt as gtmod
 from .constants import CLASS_NAMES, NUM_CLASSES
 from .io import read_mask
 from .matching import match_cells
-from .predict import PROB_COLS, aligned_cell_probs, cam_confidences, combine, quality_factor
-from .cells import IMG_COLS
+from .predict import PROB_COLS, aligned_cell_probs, cam_confidences, combine, quality_factor, view_confidences
+from .cells import IMG_COLS, VIEW_COLS
 
 log = logging.getLogger(__name__)
 
 CONF_COLS = [f"conf{c}" for c in range(NUM_CLASSES)]
-METHODS = ("broadcast", "cam", "cycle1", "cycle2", "oracle")
+METHODS = ("broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle")
 
 
 def last_cycle(run: Path) -> int:
@@ -56,6 +58,8 @@ def method_confidences(run: Path, table: pd.DataFrame, method: str, p: dict, sco
         return combine(img, None, "image", "max", quality)
     if method == "cam":
         return cam_confidences(table, score, quality)
+    if method == "cellview":
+        return view_confidences(table, quality) if VIEW_COLS[0] in table.columns else None
     path = cell_probs_path(run, method)
     if not path.is_file():
         return None
@@ -120,7 +124,7 @@ def predict_test(run: str | Path, cfg: dict, force: bool = False) -> tuple[Path,
 
     run, data_dir = Path(run), Path(cfg["data"])
     p, sc = cfg["predict"], cfg["pseudo"]
-    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], force=force)
+    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], force=force, view=bool(sc.get("cell_view", True)))
     method = final_method(run, p)
     conf = method_confidences(run, table, method, p, sc["score"])
     preds = table[["ID", "cell_id", "x0", "y0", "x1", "y1", "area"]].copy()

@@ -32,8 +32,11 @@ def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)
     return shard_path(Path(run) / "cells" / f"{split}.parquet", shard)
 
 
-def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_size: int, force: bool = False) -> pd.DataFrame:
+def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_size: int, force: bool = False,
+               view: bool = True) -> pd.DataFrame:
     """``RUN/cells/{split}.parquet``, built from masks and CAMs when missing (or ``force``).
+
+    ``view``: add the image model's isolated-cell probabilities (``view_p*``, :mod:`hpa.cell_view`).
 
     When it is missing but a complete set of shard tables exists (:func:`build_cell_table_shard`),
     the shards are joined instead; an incomplete set is an error naming the missing shards
@@ -55,14 +58,15 @@ def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_siz
                              f"({detail or 'complete sets for N=' + ', '.join(map(str, complete))}); run the missing "
                              f"shards or --merge N, or --force to build the whole table in one process")
     ids = usable_ids(run, split, list_split(data_dir, split)[0])
-    table = build_cell_table(ids, run / "masks" / split, run / "cams" / split, topk_frac, work_size)
+    table = build_cell_table(ids, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
+                             _viewer(run, data_dir, split, view))
     write_parquet(path, table)
     log.info("cell table %s: %d cells in %d images -> %s", split, len(table), len(ids), path)
     return table
 
 
 def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, shard: tuple[int, int],
-                           topk_frac: float, work_size: int, force: bool = False) -> Path:
+                           topk_frac: float, work_size: int, force: bool = False, view: bool = True) -> Path:
     """Build the cell table of shard ``(i, N)`` (every N-th usable image from the i-th).
 
     Writes ``RUN/cells/{split}.shard-i-of-N.parquet`` (kept unless ``force``) and, once every
@@ -74,7 +78,8 @@ def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, sh
     if force or not path.is_file():
         ids = usable_ids(run, split, list_split(data_dir, split)[0])
         mine = select_shard(ids, shard)
-        table = build_cell_table(mine, run / "masks" / split, run / "cams" / split, topk_frac, work_size)
+        table = build_cell_table(mine, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
+                                 _viewer(run, data_dir, split, view))
         write_parquet(path, table)
         log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
                  len(mine), path)
@@ -111,6 +116,18 @@ def merge_cell_tables(run: str | Path, data_dir: str | Path, split: str, n_shard
     return table
 
 
+def _viewer(run: Path, data_dir: Path, split: str, view: bool):
+    """The isolated-cell viewer of the run's image model, or None (``view`` off, or no image model)."""
+    if not view:
+        return None
+    if not (run / "image_model" / "model.pt").is_file():
+        log.info("%s has no image model: the %s cell table gets no isolated-cell probabilities", run, split)
+        return None
+    from .cell_view import CellViewer
+
+    return CellViewer(run, data_dir, split)
+
+
 def _missing_names(path: Path, n: int, have: list[int]) -> list[str]:
     return [shard_path(path, (i, n)).name for i in range(n) if i not in set(have)]
 
@@ -144,11 +161,12 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     ``p`` is the ``pseudo`` config section (see hpa.config.DEFAULTS).
     """
     run, data_dir = Path(run), Path(data_dir)
-    table = cell_table(run, data_dir, "train", p["topk_frac"], p.get("work_size", 512), force=force)
+    table = cell_table(run, data_dir, "train", p["topk_frac"], p.get("work_size", 512), force=force,
+                       view=bool(p.get("cell_view", True)))
     ids, y = list_split(data_dir, "train")
     label_of = dict(zip(ids, y))
     img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))
-    ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"])
+    ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
     negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
     probs = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table) if cycle > 1 else None
     label, conf, thr = assign_labels(ev, negative_image, p["pos_quantile"], p["pos_min"], p["neg_threshold"],

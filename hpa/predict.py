@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS
+from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS, VIEW_COLS
 from .constants import NEGATIVE, NUM_CLASSES
 
 COMBINE = ("product", "mean", "cell", "image")
@@ -85,6 +85,18 @@ def cam_confidences(table: pd.DataFrame, score: str = "topk_mean", quality: np.n
     cam = np.nan_to_num(table[cols].to_numpy(np.float32), nan=0.0)
     img = table[IMG_COLS].to_numpy(np.float32)
     conf = cam * img
+    conf[:, NEGATIVE] = (1 - conf[:, :NEGATIVE]).min(1)
+    if quality is not None:
+        conf *= np.asarray(quality, np.float32)[:, None]
+    return np.clip(conf, 0, 1)
+
+
+def view_confidences(table: pd.DataFrame, quality: np.ndarray | None = None) -> np.ndarray:
+    """The isolated-cell baseline: ``conf_c = V_c x P_image,c`` (N, 19) with ``V`` the image model's
+    probabilities for the cell alone (``view_p*``, :mod:`hpa.cell_view`); Negative as
+    ``min_complement``. No cell model involved."""
+    view = np.nan_to_num(table[VIEW_COLS].to_numpy(np.float32), nan=0.0)
+    conf = view * table[IMG_COLS].to_numpy(np.float32)
     conf[:, NEGATIVE] = (1 - conf[:, :NEGATIVE]).min(1)
     if quality is not None:
         conf *= np.asarray(quality, np.float32)[:, None]

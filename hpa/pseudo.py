@@ -1,11 +1,13 @@
 """Cell pseudo-labels from class activation maps (and, in cycle 2, a cell model).
 
 Evidence. For cell i of an image with labels L (classes 0..17), the evidence for class
-c in L is ``E_ic = score_ic x p_c`` where ``score_ic`` is the cell's CAM score (mean or
-top-k mean of the normalised CAM inside the mask, in [0, 1]) and ``p_c`` the image-level
-probability (when ``times_image_prob``). Classes outside L have no evidence: a cell can
-only take a class its image was labelled with. In cycle 2 the cycle-1 cell model's
-probabilities join in: ``E_ic = (1 - w) x E_ic + w x P_ic``.
+c in L is ``E_ic = (1 - v) x score_ic x p_c + v x V_ic`` where ``score_ic`` is the cell's
+CAM score (mean or top-k mean of the normalised CAM inside the mask, in [0, 1]), ``p_c``
+the image-level probability (when ``times_image_prob``), ``V_ic`` the image model's
+probability for the cell on its own (:mod:`hpa.cell_view`) and ``v`` the setting
+``view_weight`` (0: CAM only). Classes outside L have no evidence: a cell can only take a
+class its image was labelled with. In cycle 2 the cycle-1 cell model's probabilities join
+in: ``E_ic = (1 - w) x E_ic + w x P_ic``.
 
 Rule (per cell, best class b = argmax_c E_ic):
 
@@ -24,19 +26,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS
+from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS, VIEW_COLS
 from .constants import NEGATIVE, NUM_CLASSES
 
 SCORES = {"mean": CAM_MEAN_COLS, "topk_mean": CAM_TOPK_COLS}
 
 
 def cam_evidence(table: pd.DataFrame, image_labels: np.ndarray, score: str = "topk_mean",
-                 times_image_prob: bool = True) -> np.ndarray:
+                 times_image_prob: bool = True, view_weight: float = 0.0) -> np.ndarray:
     """Evidence ``E`` float32 (N, 19) in [0, 1] for the cells of ``table``.
 
     ``image_labels``: multi-hot (N, 19) labels of each cell's image. Entries of classes the
-    image does not have, of Negative, and missing CAMs are 0.
+    image does not have, of Negative, and missing CAMs are 0. ``view_weight`` > 0 needs the
+    table's ``view_p*`` columns (isolated-cell probabilities).
     """
+    if not 0.0 <= view_weight <= 1.0:
+        raise ValueError(f"view_weight must lie in [0, 1], got {view_weight}")
     if score not in SCORES:
         raise ValueError(f"unknown cell score {score!r}; valid: {sorted(SCORES)}")
     image_labels = np.asarray(image_labels, bool)
@@ -45,6 +50,11 @@ def cam_evidence(table: pd.DataFrame, image_labels: np.ndarray, score: str = "to
     e = np.nan_to_num(table[SCORES[score]].to_numpy(np.float32), nan=0.0)
     if times_image_prob:
         e = e * table[IMG_COLS].to_numpy(np.float32)
+    if view_weight > 0:
+        if not set(VIEW_COLS) <= set(table.columns):
+            raise ValueError("view_weight > 0 needs isolated-cell probabilities (view_p* columns) in the cell table: "
+                             "rebuild it with the image model present (stage 04 --force), or set pseudo.view_weight=0")
+        e = (1 - view_weight) * e + view_weight * np.nan_to_num(table[VIEW_COLS].to_numpy(np.float32), nan=0.0)
     allowed = image_labels.copy()
     allowed[:, NEGATIVE] = False
     return np.where(allowed, np.clip(e, 0, 1), 0.0).astype(np.float32)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 DESCRIPTIONS = {
     "broadcast": "image probabilities given to every cell",
     "cam": "cell CAM score x image probability",
+    "cellview": "image model on the cell alone x image probability",
     "cycle1": "cycle-1 cell model x image probability",
     "cycle2": "cycle-2 cell model x image probability",
     "oracle": "same cell model trained on true cell labels (upper bound)",
@@ -42,7 +43,7 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
         report["scored"] = False
         return report
     sc = cfg["pseudo"]
-    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"])
+    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], view=bool(sc.get("cell_view", True)))
     ids = list(dict.fromkeys(table["ID"]))
     report["segmentation"] = segmentation_quality(run, data_dir, ids)
     p = cfg["predict"]

@@ -45,7 +45,7 @@ def main(argv=None):
     if shard[1] > 1:
         with stage_timer(args.run, f"06_cell_table_test_shard{shard[0]}of{shard[1]}"):
             path = build_cell_table_shard(args.run, cfg["data"], "test", shard, p["topk_frac"], p["work_size"],
-                                          force=args.force)
+                                          force=args.force, view=bool(p["cell_view"]))
         print(f"cell table shard: {path}")
         return
     with stage_timer(args.run, "06_predict"):

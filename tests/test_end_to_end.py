@@ -28,7 +28,7 @@ def test_quick_profile_end_to_end(tmp_path):
                 "report.json", "report.md", "report_ap.png"]:
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
-    assert list(report["methods"]) == ["broadcast", "cam", "cycle1", "cycle2", "oracle"]
+    assert list(report["methods"]) == ["broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle"]
     assert all(0.0 <= v["mAP"] <= 1.0 for v in report["methods"].values())
     sub = pd.read_csv(run / "submission.csv")
     assert len(sub) == 8
