@@ -107,6 +107,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
     Returns:
         ``{"images", "computed", "done_before", "skipped", "complete"}`` counts of this call.
     """
+    from .data import read_cache_rows
     from .train import prepare_batch
 
     check_method(method)
@@ -147,7 +148,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
         bar = tqdm(total=len(todo), desc=f"cams {split}", unit="img", mininterval=2.0, disable=not progress)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(cache[[row_of[i] for i in chunk]]))
+            x = torch.from_numpy(read_cache_rows(cache, [row_of[i] for i in chunk]))  # RSS flat in N
             x = prepare_batch(x.to(device), mean, std)
             labs = [label_of[i] for i in chunk] if label_of is not None else None
             for image_id, res in zip(chunk, image_cams(model, x, method, labs, prob_floor, tta_flip, autocast=autocast)):

@@ -1,6 +1,7 @@
 """Folds, the field cache (atomic, resumable, reusable), channel statistics, datasets, augmentation."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -121,6 +122,32 @@ def test_sixteen_bit_fields_keep_their_high_byte(tmp_path):
     write_field(tmp_path / "train", "w", field)
     arr = build_field_cache(tmp_path, "train", ["w"], 16, tmp_path / "w.npy")
     assert (arr == 0xAB).all()
+
+
+def _rss_file_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_cache_rows_are_read_without_keeping_them_mapped(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 255, (48, 4, 256, 256), dtype=np.uint8)  # 256 KiB per row, 12 MiB in all
+    np.save(tmp_path / "c.npy", ref)
+    cache = np.load(tmp_path / "c.npy", mmap_mode="r")
+    rows = [5, 0, 47, 5]
+    assert np.array_equal(data.read_cache_rows(cache, rows), ref[rows])
+    assert np.array_equal(data.read_cache_rows(ref, rows), ref[rows])  # a plain array is indexed
+    before = _rss_file_kib()
+    for start in range(0, 48, 8):
+        data.read_cache_rows(cache, range(start, start + 8))
+    assert _rss_file_kib() - before < 4 * 1024  # indexing the map would keep ~12 MiB resident
+    with pytest.raises(IndexError, match="rows \\[48\\]"):
+        data.read_cache_rows(cache, [1, 48])
+    with open(tmp_path / "c.npy", "r+b") as f:
+        f.truncate(cache.offset + 10 * ref[0].nbytes)
+    with pytest.raises(InputError, match="ends inside row 12"):
+        data.read_cache_rows(cache, [12])
 
 
 # --------------------------------------------------------------------------- stats and datasets
