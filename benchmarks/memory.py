@@ -17,9 +17,10 @@ Per stage process it records the wall time, the peak resident memory of the stag
 the stage with its worker processes: the stage's resident size plus the workers' private pages
 (``/proc/PID/smaps_rollup`` sampled every 100 ms, at least ``ru_maxrss``; pages workers share
 with the stage through the fork, and shared libraries, count once). It prints a table and,
-last, the ratio peak(N_max) / peak(N_min) per stage: flat memory gives about 1.0. The with-workers figure varies from run to run by about +-10%
-(pages a forked worker shares with the stage become the worker's own when either writes
-them), so ``--repeats`` runs everything again on fresh runs and reports the largest peak.
+last, the ratio peak(N_max) / peak(N_min) per stage: flat memory gives about 1.0. The
+with-workers figure varies from run to run by about +-10% (pages a forked worker shares with
+the stage become the worker's own when either writes them), so ``--repeats`` runs everything
+again on fresh runs and reports the largest peak.
 
     python benchmarks/memory.py [--sizes 50 200] [--repeats 2] [--work DIR] [--workers 2] [--keep]
 """
@@ -174,7 +175,8 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
         thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}); see {log_path}")
-    return {"seconds": time.perf_counter() - t0, "maxrss_mib": usage.ru_maxrss / 1024, "tree_mib": max(peak[0], usage.ru_maxrss) / 1024}
+    return {"seconds": time.perf_counter() - t0, "maxrss_mib": usage.ru_maxrss / 1024,
+            "tree_mib": max(peak[0], usage.ru_maxrss) / 1024}
 
 
 def _helper(what: str, run: Path, data: Path) -> None:
@@ -183,7 +185,8 @@ def _helper(what: str, run: Path, data: Path) -> None:
     subprocess.run([sys.executable, __file__, "--helper", what, str(run), str(data)], cwd=ROOT, check=True)
 
 
-def measure(n: int, work: Path, src: Path, pool: list, workers: int, overrides: list[str], repeat: int = 0) -> list[dict]:
+def measure(n: int, work: Path, src: Path, pool: list, workers: int, overrides: list[str],
+            repeat: int = 0) -> list[dict]:
     """Every stage of :data:`STAGES` once on a fresh run over N fields; one row per stage."""
     data = make_data(work / f"data-{n}", src, pool, n)
     run = work / f"run-{n}"

@@ -145,11 +145,12 @@ class CellViewer:
 
     def field(self, image_id: str) -> np.ndarray:
         """uint8 (4, S, S) field at the model's input size."""
+        from .data import read_cache_rows
         from .io import read_field, resize_field, to_uint8
 
         r = self.row_of.get(image_id)
         if r is not None and self.cache is not None:
-            return np.asarray(self.cache[r])
+            return read_cache_rows(self.cache, [r])[0]  # not through the map: RSS stays flat over a split
         return to_uint8(resize_field(read_field(self.folder, image_id), self.size))
 
     def __call__(self, image_id: str, cell_mask: np.ndarray) -> np.ndarray:

@@ -159,7 +159,8 @@ def build_cell_table(ids: list[str], masks_dir: str | Path, cams_dir: str | Path
         rows = image_cell_rows(image_id, mask, rec.probs, cams, list(rec.classes), topk_frac, work_size)
         if view is not None:
             probs = view(image_id, mask)
-            rows[VIEW_COLS] = probs[rows["cell_id"].to_numpy() - 1] if len(rows) else np.zeros((0, NUM_CLASSES))
+            rows[VIEW_COLS] = (probs[rows["cell_id"].to_numpy() - 1] if len(rows)
+                               else np.zeros((0, NUM_CLASSES), np.float32))  # float32 also for images without cells
         parts.append(rows)
     if not parts:
         empty = image_cell_rows("", np.zeros((1, 1), np.int32), np.zeros(NUM_CLASSES), None, [], topk_frac, work_size)

@@ -1,9 +1,10 @@
 """Sharded per-image stages: N shards joined give exactly what one unsharded run gives.
 
-Stages 04 and 06 build their cell tables per image; here the masks (stage 03), CAMs (stage 02)
-and test cell probabilities (stage 05) are written by hand for a few 64-px images, so every
-run takes a fraction of a second. Stage 03's library-level merge is tested in test_segment.py;
-its command line (--shard, --merge) is tested here.
+Stages 04 and 06 build their cell tables per image; here the fields, masks (stage 03), CAMs
+(stage 02), a random image model and field cache (stage 01: the cell table's isolated-cell
+probabilities; train read from the cache, test decoded) and test cell probabilities (stage 05)
+are made by hand for a few 64-px images, so every run takes about a second. Stage 03's
+library-level merge is tested in test_segment.py; its command line (--shard, --merge) here.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hpa.cam import save_cam
-from hpa.constants import NUM_CLASSES
+from hpa.constants import CLASS_NAMES, NUM_CLASSES
+from hpa.data import build_field_cache, cache_path
 from hpa.fsutil import shard_path, shard_sets
-from hpa.io import InputError, write_mask
+from hpa.io import InputError, write_field, write_mask
+from hpa.models import build_model
+from hpa.train import save_checkpoint
 from hpa.labelling import build_cell_table_shard, cell_table, cell_table_path, merge_cell_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +40,7 @@ def _stage(name: str):
 
 
 def _make_run(root: Path, n_train: int = 7, n_test: int = 5) -> tuple[Path, Path]:
-    """``(data, run)``: labels, masks, CAMs and cycle-1 test cell probabilities; no fields."""
+    """``(data, run)``: fields, labels, masks, CAMs, image model, train field cache, cycle-1 test cell probabilities."""
     rng = np.random.default_rng(3)
     data, run = root / "data", root / "run"
     data.mkdir(parents=True)
@@ -51,6 +56,9 @@ def _make_run(root: Path, n_train: int = 7, n_test: int = 5) -> tuple[Path, Path
                     y, x = 4 + 20 * c, int(rng.integers(2, 40))
                     mask[y:y + 16, x:x + 20] = c + 1
             write_mask(run / "masks" / split / f"{image_id}_cellmask.png", mask)
+            field = rng.integers(0, 40, (4, 64, 64), dtype=np.uint8)
+            field[1][mask > 0] += 120
+            write_field(data / split, image_id, field)
             classes = labels[k] if split == "train" else list(range(NUM_CLASSES))
             cams = rng.normal(0, 1, (len(classes), 4, 4)).astype(np.float32)
             probs = rng.uniform(0, 1, NUM_CLASSES).astype(np.float32)
@@ -62,6 +70,14 @@ def _make_run(root: Path, n_train: int = 7, n_test: int = 5) -> tuple[Path, Path
             pd.DataFrame({"ID": ids}).to_csv(data / "test.csv", index=False)
     pd.DataFrame({"ID": [SKIPPED["train"]], "reason": ["unreadable"]}).to_csv(
         run / "masks" / "train" / "skipped.csv", index=False)
+    train_ids = [f"tr{k}" for k in range(n_train) if f"tr{k}" != SKIPPED["train"]]
+    build_field_cache(data, "train", train_ids, 64, cache_path(run, "train", 64), progress=False)
+    torch.manual_seed(0)
+    model = build_model("resnet18", output_stride=16, image_size=64)
+    meta = {"arch": "resnet18", "num_classes": NUM_CLASSES, "in_channels": 4, "output_stride": 16, "dropout": 0.2,
+            "image_size": 64, "task": "multilabel", "class_names": list(CLASS_NAMES), "mean": [0.1] * 4,
+            "std": [0.2] * 4, "epochs": 1, "normalize": True}
+    save_checkpoint(run / "image_model" / "model.pt", {"model": model.state_dict(), "meta": meta, "history": []})
     cells = cell_table(run, data, "test", 0.25, 512)  # only to list the test cells for the probabilities
     probs = rng.dirichlet(np.ones(NUM_CLASSES), len(cells)).astype(np.float32)
     out = pd.concat([cells[["ID", "cell_id"]], pd.DataFrame(probs, columns=[f"p{c}" for c in range(NUM_CLASSES)])],
@@ -109,6 +125,7 @@ def test_three_shards_joined_equal_the_table_of_one_process(two_runs):
             assert pd.read_parquet(cell_table_path(sharded, split, (1, 3))).empty
             assert "tr5" not in set(whole["ID"]) and len(whole) > 0
         joined = pd.read_parquet(cell_table_path(sharded, split))
+        assert whole["view_p0"].notna().all()  # isolated-cell probabilities: train from the cache, test decoded
         pd.testing.assert_frame_equal(whole, joined)
         pd.testing.assert_frame_equal(whole, merge_cell_tables(sharded, data, split, 3))
 
@@ -134,7 +151,8 @@ def test_stage04_shards_then_unsharded_run_gives_the_same_labels(two_runs):
     stage.main(["--run", str(sharded), "--cycle", "1", *common])
     for rel in ("cells/train.parquet", "cycle1/pseudo_labels.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(one / rel), pd.read_parquet(sharded / rel))
-    assert (one / "cycle1" / "pseudo_report.json").read_text() == (sharded / "cycle1" / "pseudo_report.json").read_text()
+    report = "cycle1/pseudo_report.json"
+    assert (one / report).read_text() == (sharded / report).read_text()
     stage.main(["--run", str(sharded), "--cycle", "1", "--merge", "2", *common])  # explicit merge: same again
     pd.testing.assert_frame_equal(pd.read_parquet(one / "cycle1/pseudo_labels.parquet"),
                                   pd.read_parquet(sharded / "cycle1/pseudo_labels.parquet"))
