@@ -244,7 +244,7 @@ class _Rows(torch.utils.data.Dataset):
 
 # --------------------------------------------------------------------------- stage 05
 #: Keys of the ``cell_model`` config section that :func:`train_cell_stage` understands.
-SETTINGS = ("crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
+SETTINGS = ("cycle2_init", "crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
             "weight_decay", "warmup_epochs", "label_smoothing", "balance_power", "samples_per_epoch",
             "aug_intensity", "dropout", "bn_momentum", "tta_flip", "predict_batch_size", "loader_workers", "amp",
             "channels_last", "accumulate", "grad_clip")
@@ -334,6 +334,16 @@ def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None
     model = cell_model_from_image_model(image_model, int(s["crop_size"]), s.get("dropout"), s.get("output_stride"),
                                         s.get("bn_momentum"), seed)
     del image_model
+    if not oracle and cycle == 2 and s.get("cycle2_init", "image") == "cycle1":
+        prev = stage_dir(run, 1) / "cell_model" / "model.pt"
+        if not prev.is_file():
+            raise InputError(f"{prev} not found: cell_model.cycle2_init=cycle1 needs the cycle-1 cell model (stage 05 --cycle 1)")
+        prev_model, _ = load_model(prev)
+        model.load_state_dict(prev_model.state_dict(), strict=True)
+        log.info("cycle 2 starts from the cycle-1 cell model %s", prev)
+        del prev_model
+    elif s.get("cycle2_init", "image") not in ("image", "cycle1"):
+        raise ConfigError(f"cell_model.cycle2_init must be 'image' or 'cycle1', got {s.get('cycle2_init')!r}")
     from .augment import BatchAugment
 
     npy = run / "cell_cache" / f"train_{int(s['crop_size'])}.npy"

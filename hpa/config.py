@@ -95,10 +95,12 @@ DEFAULTS: dict[str, Any] = {
         "pos_quantile": 0.3,  # per-class positive threshold: this quantile of best-class scores of labelled cells
         "pos_min": 0.3,  # ... but never below this
         "neg_threshold": 0.1,  # a cell whose best score is below this becomes Negative (18)
-        "cycle2_weight": 0.5,  # cycle 2: evidence = (1-w) * CAM score + w * cycle-1 cell probability
+        "cycle2_weight": 0.7,  # cycle 2: evidence = (1-w) * cycle-1 evidence + w * cycle-1 cell probability
+        "cycle2_pos_quantile": 0.0,  # cycle 2's pos_quantile (the cell model makes the evidence surer: label more)
     },
     # ---------------------------------------------------------------- stage 05
     "cell_model": {
+        "cycle2_init": "cycle1",  # cycle 2 starts from: cycle1 (the cycle-1 cell model, trained on) | image (the image model)
         "crop_size": 64,  # cell crops (cut from the full-res field) are resized to this square size
         "margin": 0.1,  # crop window: bbox grown by this fraction of its longest side on each side, made square
         "outside": "dim",  # zero | dim | keep: what happens to crop pixels outside the cell mask

@@ -169,8 +169,8 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
     negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
     probs = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table) if cycle > 1 else None
-    label, conf, thr = assign_labels(ev, negative_image, p["pos_quantile"], p["pos_min"], p["neg_threshold"],
-                                     probs, p["cycle2_weight"])
+    q = p["pos_quantile"] if cycle == 1 else p.get("cycle2_pos_quantile", p["pos_quantile"])
+    label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
     out = out[out["label"] >= 0].reset_index(drop=True)
