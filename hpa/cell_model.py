@@ -65,7 +65,8 @@ def _labels_frame(ids, cell_ids, classes, weights) -> pd.DataFrame:
 def read_pseudo_labels(path: str | os.PathLike) -> pd.DataFrame:
     """Stage 04's ``pseudo_labels.parquet`` (ID, cell_id, label 0..18, weight) as cell labels.
 
-    Returns ``ID, cell_id, weight, t0..t18`` (one-hot targets). ``weight`` defaults to 1.
+    Returns ``ID, cell_id, weight, t0..t18``: one-hot targets, or uniform over the classes of an
+    optional ``labels`` column (``"3|7"``, starting with ``label``). ``weight`` defaults to 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,7 +84,13 @@ def read_pseudo_labels(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: weights must be finite and >= 0")
     if df.duplicated(["ID", "cell_id"]).any():
         raise InputError(f"{path}: a cell appears more than once")
-    return _labels_frame(df["ID"].astype(str), df["cell_id"], [[int(c)] for c in labels], weight)
+    if "labels" in df.columns:  # soft multi-class targets: the best class first, then the others it passes
+        sets = [[int(c) for c in str(v).split("|")] for v in df["labels"]]
+        if any(c < 0 or c >= NUM_CLASSES for cs in sets for c in cs) or any(cs[0] != l for cs, l in zip(sets, labels)):
+            raise InputError(f"{path}: column 'labels' must list classes 0..{NUM_CLASSES - 1} starting with 'label'")
+    else:
+        sets = [[int(c)] for c in labels]
+    return _labels_frame(df["ID"].astype(str), df["cell_id"], sets, weight)
 
 
 def oracle_cell_labels(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, ids: Sequence[str],

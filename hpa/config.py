@@ -96,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
         "pos_min": 0.3,  # ... but never below this
         "neg_threshold": 0.1,  # a cell whose best score is below this becomes Negative (18)
         "cycle2_weight": 0.7,  # cycle 2: evidence = (1-w) * cycle-1 evidence + w * cycle-1 cell probability
+        "multi_label": True,  # positive cells also take the other image classes they pass (soft, uniform targets)
         "cycle2_pos_quantile": 0.0,  # cycle 2's pos_quantile (the cell model makes the evidence surer: label more)
     },
     # ---------------------------------------------------------------- stage 05
@@ -141,6 +142,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"image_size": 128, "epochs": 2, "samples_per_epoch": None, "batch_size": 8, "folds": 3,
                         "val_every": 1},
         "cam": {"overlay_max_images": 4},
+        "pseudo": {"pos_min": 0.0},  # untrained models give weak evidence: keep some labels for the smoke test
         "segment": {"work_size": 256},
         "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32, "samples_per_epoch": None},
     },

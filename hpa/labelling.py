@@ -20,7 +20,7 @@ from .cells import build_cell_table
 from .constants import NEGATIVE, NUM_CLASSES
 from .fsutil import select_shard, shard_path, shard_sets, write_json, write_parquet
 from .io import InputError, list_split, read_mask
-from .pseudo import assign_labels, cam_evidence, coverage, diagnostics
+from .pseudo import assign_labels, cam_evidence, coverage, diagnostics, label_sets
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,9 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
+    if p.get("multi_label", False):
+        ev_used = ev if probs is None else np.where(ev > 0, (1 - p["cycle2_weight"]) * ev + p["cycle2_weight"] * probs, 0)
+        out["labels"] = ["|".join(map(str, c)) for c in label_sets(ev_used, label, thr)]
     out = out[out["label"] >= 0].reset_index(drop=True)
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
     if gtmod.has_gt(data_dir):

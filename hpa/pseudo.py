@@ -111,6 +111,23 @@ def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile
     return label, conf, thr
 
 
+def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
+    """Every class a positive cell passes: ``[label] + [c != label with E_c >= t_c]`` per cell.
+
+    Cells left out (-1) or Negative (18) keep their single label. Used for soft multi-class
+    targets (``pseudo.multi_label``): about a third of positive HPA cells show two or more
+    of their image's classes, and a single label teaches the cell model to suppress the others.
+    """
+    sets = []
+    for i, lab in enumerate(np.asarray(label)):
+        if lab < 0 or lab == NEGATIVE:
+            sets.append([int(lab)])
+            continue
+        more = np.flatnonzero((evidence[i] >= thresholds) & (evidence[i] > 0))
+        sets.append([int(lab)] + [int(c) for c in more if c != lab and c != NEGATIVE])
+    return sets
+
+
 def coverage(labels: np.ndarray) -> dict:
     """Share of cells labelled, and the count per class."""
     labels = np.asarray(labels)
