@@ -18,9 +18,8 @@ RUN="${RUN:-runs/$PROFILE}"
 
 source tools/ensure_venv.sh
 export PYTHONUNBUFFERED=1
-# torch threads: half the cores unless set. Two spinning OpenMP threads per process on a
-# 2-core machine that is also running anything else slowed training 10-25x (docs/training.md).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))}"
+# torch uses every core; on a machine shared with other jobs run with OMP_NUM_THREADS=1:
+# spinning OpenMP threads competing for 2 busy cores slowed training 10-25x (docs/training.md).
 
 if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
     case "$PROFILE" in
