@@ -245,3 +245,13 @@ def test_oracle_stage_uses_true_labels_and_predicts_test_only(tmp_path):
     assert (y.loc[3, "y18"] == 1.0).all()
     probs = pd.read_parquet(written["probs_test"])
     assert len(probs) == 3 and np.allclose(probs[cm.PROB_COLS].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_read_pseudo_labels_multi_class(tmp_path):
+    path = tmp_path / "pseudo_labels.parquet"
+    pd.DataFrame({"ID": ["a", "b"], "cell_id": [1, 2], "label": [4, 18], "labels": ["4|7", "18"]}).to_parquet(path)
+    df = cm.read_pseudo_labels(path)
+    assert df.loc[0, "t4"] == df.loc[0, "t7"] == 0.5 and df.loc[1, "t18"] == 1.0
+    pd.DataFrame({"ID": ["a"], "cell_id": [1], "label": [4], "labels": ["7|4"]}).to_parquet(path)
+    with pytest.raises(InputError, match="starting with 'label'"):
+        cm.read_pseudo_labels(path)

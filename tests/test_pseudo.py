@@ -109,3 +109,13 @@ def test_diagnostics_precision_recall():
     assert d["precision"][0] == pytest.approx(0.5)
     assert d["recall"][0] == pytest.approx(0.5)
     assert d["overall_precision"] == pytest.approx(2 / 3)
+
+
+def test_label_sets_add_passing_classes_to_positives_only():
+    from hpa.pseudo import label_sets
+
+    ev = np.zeros((3, NUM_CLASSES), np.float32)
+    ev[0, [2, 5, 9]] = [0.9, 0.6, 0.2]  # positive 2; 5 passes its threshold, 9 does not
+    ev[1, 5] = 0.05  # Negative: stays single
+    thr = np.full(NUM_CLASSES, 0.5, np.float32)
+    assert label_sets(ev, np.array([2, NEGATIVE, -1]), thr) == [[2, 5], [NEGATIVE], [-1]]
