@@ -213,7 +213,8 @@ _FLIPS = ((lambda t: t, lambda t: t), (lambda t: t.flip(-1), lambda t: t.flip(-1
 
 def compute_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", classes: Sequence[int] | None = None,
                  tta_flip: bool = False, target_layer: nn.Module | None = None,
-                 autocast: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 autocast: torch.dtype | None = None, tile: int | None = None,
+                 tile_stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits and raw (un-normalised) CAMs of a batch.
 
     Args:
@@ -226,12 +227,18 @@ def compute_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", classes
             flip (maps flipped back before averaging).
         target_layer: grad-cam methods: the layer to explain (default :func:`cam_target_layer`).
         autocast: ``cam`` method on CUDA: e.g. ``torch.bfloat16`` (None: float32).
+        tile, tile_stride: a model trained on crops of side ``tile`` sees the fields as
+            overlapping tiles of that side (:mod:`hpa.tiling`): logits are ``logit(mean over
+            tiles of the tile probability)``, maps the tiles' maps averaged on the field's
+            grid. None (or fields no larger than a tile): one pass per field.
     Returns:
         ``(logits, cams)``: float32 ``(B, K)`` and float32 ``(B, len(classes), h, w)`` raw
         maps (``cam``: ``head.weight[k] . F``, any sign; grad-cam methods: the method's map
-        before its ReLU and min-max step). For ``cam``: ``cams.mean((2, 3)) + head.bias ==
-        logits`` (with or without TTA), and ``gradcam`` gives ``cams / (h * w)``.
+        before its ReLU and min-max step). For ``cam`` without tiles: ``cams.mean((2, 3)) +
+        head.bias == logits`` (with or without TTA), and ``gradcam`` gives ``cams / (h * w)``.
     """
+    from .tiling import make_tiles, mean_tile_probs, needs_tiles, prob_logit, stitch
+
     check_method(method)
     _check_batch(x, model)
     k_all = None
@@ -247,15 +254,22 @@ def compute_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", classes
         raise ValueError(f"classes must lie in 0..{k_all - 1}, got {classes}")
     layer = None if method == "cam" else (target_layer or cam_target_layer(model))
     views = _FLIPS if tta_flip else _FLIPS[:1]
+    tiled = needs_tiles(x, tile)
+    xin, offsets = make_tiles(x, int(tile), tile_stride) if tiled else (x, None)
     logits_sum = cams_sum = None
     with _eval_mode(model):
         for fwd, inv in views:
-            logits, cams = _one_view(model, fwd(x), classes, method, layer, autocast)
+            logits, cams = _one_view(model, fwd(xin), classes, method, layer, autocast)
             cams = inv(cams)
             logits_sum = logits if logits_sum is None else logits_sum + logits
             cams_sum = cams if cams_sum is None else cams_sum + cams
     n = float(len(views))
-    return (logits_sum / n).cpu().numpy().astype(np.float32), (cams_sum / n).cpu().numpy().astype(np.float32)
+    logits, cams = logits_sum / n, (cams_sum / n).cpu().numpy().astype(np.float32)
+    if tiled:
+        b = x.shape[0]
+        logits = prob_logit(mean_tile_probs(logits, b))
+        cams = stitch(cams.reshape((b, len(offsets)) + cams.shape[1:]), offsets, tuple(x.shape[-2:]), int(tile))
+    return logits.cpu().numpy().astype(np.float32), cams
 
 
 @dataclass
@@ -283,13 +297,14 @@ def select_classes(probs: np.ndarray, labels: Sequence[int] | None = None, prob_
 
 def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: Sequence[Sequence[int]] | None = None,
                prob_floor: float = 0.0, tta_flip: bool = False, target_layer: nn.Module | None = None,
-               autocast: torch.dtype | None = None) -> list[ImageCams]:
+               autocast: torch.dtype | None = None, tile: int | None = None) -> list[ImageCams]:
     """:func:`compute_cams` with per-image class selection (:func:`select_classes`).
 
     Args:
         x: float32 ``(B, C, S, S)`` normalised batch on the model's device.
         labels: train: one list of class indices per image; test: None (all classes, or
             those with probability >= ``prob_floor``).
+        tile: the model's training crop size, for tiled inference (:func:`compute_cams`).
     Returns:
         B :class:`ImageCams`. ``cam`` computes all classes in one pass and keeps the selected
         ones; grad-cam methods compute only the union of the batch's selected classes.
@@ -301,13 +316,17 @@ def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: S
         if labels is not None:
             wanted = sorted({int(c) for lab in labels for c in lab})
         elif prob_floor > 0:
-            with torch.inference_mode(), _eval_mode(model):
+            from .tiling import make_tiles, mean_tile_probs, needs_tiles
+
+            with torch.inference_mode(), _eval_mode(model):  # the same logits compute_cams will give
                 views = _FLIPS if tta_flip else _FLIPS[:1]
-                pre = torch.stack([model(f(x)).float() for f, _ in views]).mean(0)
-            pre_probs = torch.sigmoid(pre).cpu().numpy()
+                tiled = needs_tiles(x, tile)
+                xin = make_tiles(x, int(tile))[0] if tiled else x
+                pre = torch.stack([model(f(xin)).float() for f, _ in views]).mean(0)
+                pre_probs = (mean_tile_probs(pre, x.shape[0]) if tiled else torch.sigmoid(pre)).cpu().numpy()
             # a margin, so a class at the floor is not lost to rounding between the two passes
             wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor - 1e-4)})
-    logits, cams = compute_cams(model, x, method, wanted, tta_flip, target_layer, autocast)
+    logits, cams = compute_cams(model, x, method, wanted, tta_flip, target_layer, autocast, tile)
     columns = list(range(logits.shape[1])) if wanted is None else wanted
     col_of = {c: i for i, c in enumerate(columns)}
     out = []

@@ -116,7 +116,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
     run, data_dir = Path(run), Path(data_dir)
     out_dir = cams_dir(run, split)
     size = int(meta["image_size"])
-    settings = {"method": method, "tta_flip": bool(tta_flip), "input_size": size,
+    settings = {"method": method, "tta_flip": bool(tta_flip), "input_size": size, "tile": meta.get("tile"),
                 "prob_floor": float(prob_floor) if split == "test" else None, **(signature or {})}
     _check_settings(out_dir / "settings.json", settings, force)
 
@@ -151,7 +151,8 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
             x = torch.from_numpy(read_cache_rows(cache, [row_of[i] for i in chunk]))  # RSS flat in N
             x = prepare_batch(x.to(device), mean, std)
             labs = [label_of[i] for i in chunk] if label_of is not None else None
-            for image_id, res in zip(chunk, image_cams(model, x, method, labs, prob_floor, tta_flip, autocast=autocast)):
+            for image_id, res in zip(chunk, image_cams(model, x, method, labs, prob_floor, tta_flip, autocast=autocast,
+                                                         tile=meta.get("tile"))):
                 save_cam(out_dir / f"{image_id}.npz", res.cams, res.classes, res.probs, res.logits, method, size,
                          bias)
             stats["computed"] += len(chunk)

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "zero_init_residual": True,  # residual blocks start as the identity (faster from scratch; ignored with pretrained)
         "balance_power": 0.0,  # class-balanced sampling: image weight max_c count_c^-power (0: uniform)
         "grad_clip": None,  # clip the gradient norm to this value (None: off)
+        "drop_connect": 0.2,  # EfficientNet stochastic depth rate (0: off; null: the arch's own, 0.2)
     },
     # ---------------------------------------------------------------- stage 02
     "cam": {

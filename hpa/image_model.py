@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "samples_per_epoch",
             "batch_size", "lr", "weight_decay", "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last",
             "accumulate", "folds", "val_fold", "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum",
-            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every")
+            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every", "drop_connect")
 
 
 def image_model_dir(run: str | os.PathLike) -> Path:
@@ -119,7 +119,7 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
                         int(s["output_stride"]), s.get("bn_momentum"),
                         zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"),
-                        input_norm=s.get("input_norm") or "none")
+                        input_norm=s.get("input_norm") or "none", drop_connect=s.get("drop_connect"))
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
     crop = s.get("train_crop")
@@ -137,6 +137,7 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
                accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), num_workers=num_workers, seed=seed,
                device=device, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), force=force, progress=progress,
                val_every=int(s.get("val_every") or 1),
+               val_tile=None if crop is None else int(crop),
                extra_meta={"val_fold": val_fold, "folds": int(s["folds"]), "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
                            "world_size": world})

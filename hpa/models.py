@@ -104,19 +104,40 @@ class _EffNetFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def _efficientnet(arch: str, in_channels: int, image_size: int | None, output_stride: int) -> tuple[nn.Module, int]:
+def _efficientnet(arch: str, in_channels: int, image_size: int | None, output_stride: int,
+                  drop_connect: float | None = None) -> tuple[nn.Module, int]:
     from efficientnet_pytorch import EfficientNet
     from efficientnet_pytorch.utils import get_model_params
 
-    blocks_args, global_params = get_model_params(arch, {"image_size": image_size} if image_size else None)
+    params = {"image_size": image_size} if image_size else {}
+    if drop_connect is not None:
+        params["drop_connect_rate"] = float(drop_connect) or None  # None: the blocks skip it entirely
+    blocks_args, global_params = get_model_params(arch, params or None)
     if output_stride == 16:  # the last stride-2 stage keeps its resolution: CAMs twice as fine
         last = max(i for i, b in enumerate(blocks_args) if b.stride == [2])
         blocks_args[last] = blocks_args[last]._replace(stride=[1])
     net = EfficientNet(blocks_args, global_params)
+    _native_silu(net)
     net._change_in_channels(in_channels)
     num_features = net._fc.in_features
     net._fc = nn.Identity()
     return _EffNetFeatures(net), num_features
+
+
+def _native_silu(net: nn.Module) -> int:
+    """Replace efficientnet-pytorch's Python swish modules by ``nn.SiLU`` (the same function, x * sigmoid(x)).
+
+    Its default ``MemoryEfficientSwish`` is a custom autograd function; PyTorch's fused SiLU
+    trains EfficientNet-B0 about 12% faster on CPU (64-px inputs, 2 threads). No parameters
+    are involved, so state dicts are unchanged. Returns how many modules were replaced.
+    """
+    n = 0
+    for module in net.modules():
+        for name, child in list(module.named_children()):
+            if type(child).__name__ in ("MemoryEfficientSwish", "Swish"):
+                setattr(module, name, nn.SiLU())
+                n += 1
+    return n
 
 
 def _torchvision(arch: str, in_channels: int, output_stride: int) -> tuple[nn.Module, int]:
@@ -223,7 +244,8 @@ def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
 def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
                 pretrained: str | os.PathLike | None = None, image_size: int | None = None,
                 output_stride: int = 32, bn_momentum: float | None = None,
-                zero_init_residual: bool = False, input_norm: str = "none") -> HPANet:
+                zero_init_residual: bool = False, input_norm: str = "none",
+                drop_connect: float | None = None) -> HPANet:
     """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
 
     ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
@@ -235,11 +257,13 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
     ``zero_init_residual`` starts the last BatchNorm scale of every residual block at 0, so
     each block begins as the identity (Goyal et al. 2017): faster training from scratch.
     ``input_norm`` ``per_image`` standardises each input image and channel first (see :class:`HPANet`).
+    ``drop_connect``: EfficientNet's stochastic depth rate (None: its own 0.2; 0 switches it
+    off, which suits short trainings from scratch); training only, ignored by other architectures.
     """
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
     if arch in EFFICIENTNETS:
-        backbone, nf = _efficientnet(arch, in_channels, image_size, output_stride)
+        backbone, nf = _efficientnet(arch, in_channels, image_size, output_stride, drop_connect)
     elif arch in TORCHVISION:
         backbone, nf = _torchvision(arch, in_channels, output_stride)
     else:

@@ -422,9 +422,13 @@ def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: st
         data: uint8 array/memmap ``(N, C, H, W)`` (0..255), float array in [0, 1], or a
             dataset whose items are ``x`` or ``(x, target)`` as in :func:`fit`.
         tta_flip: average over the input and its horizontal flip.
+    Multi-label models trained on crops (``meta["tile"]``) see items larger than a crop as
+    overlapping tiles (:func:`hpa.tiling.tiled_probs`), as in their validation.
     Returns:
         float32 ``(N, K)``: sigmoid probabilities (multilabel) or softmax (multiclass).
     """
+    from .tiling import make_tiles, needs_tiles
+
     if isinstance(data, np.ndarray):
         if data.ndim != 4 or data.shape[1] != meta["in_channels"]:
             raise ValueError(f"expected a (N, {meta['in_channels']}, H, W) array, got shape {data.shape}")
@@ -440,12 +444,17 @@ def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: st
     for batch in tqdm(loader, desc="predict", disable=not progress, mininterval=2.0):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         x = prepare_batch(x.to(device, non_blocking=True), mean, std)
+        multiclass = meta.get("task") == "multiclass"
+        tiled = not multiclass and needs_tiles(x, meta.get("tile"))
+        xin = make_tiles(x, int(meta["tile"]))[0] if tiled else x
         with _autocast(device, dtype):
-            logits = model(x).float()
+            logits = model(xin).float()
             if tta_flip:
-                logits2 = model(x.flip(-1)).float()
-        act = (lambda z: torch.softmax(z, 1)) if meta.get("task") == "multiclass" else torch.sigmoid
+                logits2 = model(xin.flip(-1)).float()
+        act = (lambda z: torch.softmax(z, 1)) if multiclass else torch.sigmoid
         p = act(logits) if not tta_flip else 0.5 * (act(logits) + act(logits2))
+        if tiled:
+            p = p.reshape(len(x), -1, p.shape[-1]).mean(1)
         out.append(p.cpu().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, meta["num_classes"]), np.float32)
 
@@ -471,6 +480,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
         amp: str = "auto", channels_last: bool = True, accumulate: int = 1, grad_clip: float | None = None,
         num_workers: int = 0, seed: int = 0, device: str = "cpu", val_index: pd.DataFrame | None = None,
         extra_meta: dict | None = None, force: bool = False, progress: bool = True, val_every: int = 1,
+        val_tile: int | None = None,
         on_epoch_end: Callable[[int, list], None] | None = None) -> list[dict]:
     """Train ``model`` and write its checkpoints, metrics and validation predictions to ``out_dir``.
 
@@ -498,6 +508,9 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
             prepended to ``val_predictions.csv``.
         extra_meta: stored in ``model.pt``'s meta (e.g. fold, data path, cache size).
         val_every: validate after every this many epochs (and always after the last).
+        val_tile: multilabel: validate items larger than this side as overlapping tiles of it
+            (:func:`hpa.tiling.tiled_probs`), as the model trained on crops of that size will be
+            used; None: whole items. Recorded in the meta as ``tile``.
         force: start again even if ``last.pt`` / ``model.pt`` exist.
         on_epoch_end: called as ``f(epoch, history)`` after each epoch's checkpoint (tests use
             it to simulate an interruption).
@@ -549,6 +562,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
     start_epoch, step = 0, 0
     meta = _model_meta(model, task, in_shape, mean, std, epochs, extra_meta)
     meta["normalize"] = bool(normalize)
+    meta["tile"] = None if val_tile is None else int(val_tile)
     if not force and last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
         if ckpt.get("meta", {}).get("arch") != meta["arch"]:
@@ -633,7 +647,7 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
         val = None
         if main and val_ds is not None and ((epoch + 1) % max(1, int(val_every)) == 0 or epoch + 1 == epochs):
             val = _validate(model, val_ds, task, criterion, mean_t, std_t, batch_size, device, dtype, channels_last,
-                            num_workers)
+                            num_workers, val_tile)
             row.update(val["metrics"])
         row["seconds"] = round(time.perf_counter() - t0, 2)
         row = _broadcast(row)
@@ -653,13 +667,16 @@ def fit(model: nn.Module, train_ds, val_ds, out_dir: str | os.PathLike, *, task:
     if start_epoch >= epochs and main and not model_path.is_file():  # last.pt already at the end
         log.warning("%s already holds %d epochs; writing model.pt from it", last_path, start_epoch)
         val = _validate(model, val_ds, task, criterion, mean_t, std_t, batch_size, device, dtype, channels_last,
-                        num_workers) if val_ds is not None else None
+                        num_workers, val_tile) if val_ds is not None else None
         _finish(out_dir, model, meta, history, task, val, val_index)
     barrier()
     return history
 
 
-def _validate(model, ds, task, criterion, mean_t, std_t, batch_size, device, dtype, channels_last, num_workers):
+def _validate(model, ds, task, criterion, mean_t, std_t, batch_size, device, dtype, channels_last, num_workers,
+              tile=None):
+    from .tiling import make_tiles, mean_tile_probs, needs_tiles, prob_logit
+
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     probs, targets, losses, sizes = [], [], [], []
@@ -667,11 +684,17 @@ def _validate(model, ds, task, criterion, mean_t, std_t, batch_size, device, dty
         for x, t in loader:
             x = prepare_batch(x.to(device), mean_t, std_t, None, channels_last)
             t = t.to(device)
+            tiled = task == "multilabel" and needs_tiles(x, tile)
+            if tiled:
+                x = make_tiles(x, int(tile))[0]
+                x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             with _autocast(device, dtype):
                 logits = model(x)
             logits = logits.float()
+            if tiled:  # the loss of the tile-averaged probability
+                logits = prob_logit(mean_tile_probs(logits, len(t)))
             losses.append(criterion(logits, t).item())
-            sizes.append(len(x))
+            sizes.append(len(t))
             probs.append((torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits)).cpu().numpy())
             targets.append(t.cpu().numpy())
     probs, targets = np.concatenate(probs), np.concatenate(targets)

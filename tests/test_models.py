@@ -103,3 +103,19 @@ def test_per_image_input_norm_runs_inside_the_model():
     assert "input_norm" not in " ".join(model.state_dict())  # no parameters: state dicts stay compatible
     with pytest.raises(ValueError, match="unknown input_norm 'global'; valid: none, per_image"):
         build_model("resnet18", input_norm="global")
+
+
+def test_efficientnet_uses_native_silu_and_drop_connect_is_a_setting():
+    model = build_model("efficientnet-b0", image_size=64)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "SiLU" in kinds and not kinds & {"MemoryEfficientSwish", "Swish"}
+    assert model.backbone.net._global_params.drop_connect_rate == pytest.approx(0.2)  # the arch's own
+    assert build_model("efficientnet-b0", image_size=64, drop_connect=0.05).backbone.net._global_params \
+        .drop_connect_rate == pytest.approx(0.05)
+    off = build_model("efficientnet-b0", image_size=64, drop_connect=0).train()
+    assert off.backbone.net._global_params.drop_connect_rate is None
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 64, 64)
+    with torch.no_grad():  # without stochastic depth (and dropout) two training passes agree
+        off.dropout.p = 0.0
+        assert torch.equal(off(x), off(x))

@@ -267,3 +267,19 @@ def test_head_bias_starts_at_the_class_prior():
     assert b[5] == pytest.approx(np.log(1e-3 / (1 - 1e-3)), rel=1e-5)
     with pytest.raises(ValueError, match=r"targets must be \(N, 19\)"):
         init_head_bias(model, t[:, :5])
+
+
+def test_validation_of_a_crop_trained_model_is_tiled(tiny, tmp_path):
+    from hpa.augment import BatchAugment
+
+    train_ds, val_ds = _datasets(tiny)  # 32-px fields, trained on 16-px crops
+    model = _model()
+    fit(model, train_ds, val_ds, tmp_path, **FIT, augment=BatchAugment(crop_scale=(0.25, 0.25), out_size=16),
+        val_tile=16)
+    loaded, meta = load_model(tmp_path / "model.pt")
+    assert meta["tile"] == 16
+    vp = pd.read_csv(tmp_path / "val_predictions.csv")[[f"p{c}" for c in range(19)]].to_numpy()
+    tiled = predict(loaded, meta, val_ds)
+    whole = predict(loaded, {**meta, "tile": None}, val_ds)
+    np.testing.assert_allclose(vp, tiled, atol=1e-5)
+    assert not np.allclose(vp, whole, atol=1e-3)
