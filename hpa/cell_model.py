@@ -171,7 +171,7 @@ def read_val_ids(run: str | os.PathLike, val_fold: int) -> set[str]:
 # --------------------------------------------------------------------------- model
 def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout: float | None = None,
                                 output_stride: int | None = None, bn_momentum: float | None = None,
-                                seed: int = 0) -> nn.Module:
+                                seed: int = 0, drop_connect: float | None = None) -> nn.Module:
     """A new :class:`hpa.models.HPANet` with the image model's architecture and backbone weights.
 
     Args:
@@ -181,6 +181,7 @@ def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout:
         output_stride: 16 or 32 (None: the image model's); the weights are the same either way.
         bn_momentum: BatchNorm momentum (None: the architecture's own).
         seed: seeds the new head's initialisation.
+        drop_connect: EfficientNet stochastic depth rate while training (None: the arch's own).
     Returns:
         a model whose ``backbone`` state equals the image model's and whose ``head`` is a new
         ``nn.Linear(num_features, 19)``.
@@ -197,7 +198,7 @@ def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, num_classes=NUM_CLASSES, dropout=float(dropout), image_size=int(crop_size),
-                            output_stride=int(output_stride), bn_momentum=bn_momentum)
+                            output_stride=int(output_stride), bn_momentum=bn_momentum, drop_connect=drop_connect)
     src = {k: v.detach().cpu() for k, v in image_model.backbone.state_dict().items()}
     model.backbone.load_state_dict(src, strict=True)
     return model
@@ -253,7 +254,7 @@ class _Rows(torch.utils.data.Dataset):
 #: Keys of the ``cell_model`` config section that :func:`train_cell_stage` understands.
 SETTINGS = ("cycle2_init", "crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
             "weight_decay", "warmup_epochs", "label_smoothing", "balance_power", "samples_per_epoch",
-            "aug_intensity", "dropout", "bn_momentum", "tta_flip", "predict_batch_size", "loader_workers", "amp",
+            "aug_intensity", "dropout", "bn_momentum", "drop_connect", "tta_flip", "predict_batch_size", "loader_workers", "amp",
             "channels_last", "accumulate", "grad_clip")
 
 
@@ -339,7 +340,7 @@ def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None
     if image_meta.get("mean") is None:
         raise InputError(f"{run / 'image_model' / 'model.pt'} has no normalisation mean/std in its meta")
     model = cell_model_from_image_model(image_model, int(s["crop_size"]), s.get("dropout"), s.get("output_stride"),
-                                        s.get("bn_momentum"), seed)
+                                        s.get("bn_momentum"), seed, s.get("drop_connect"))
     del image_model
     if not oracle and cycle == 2 and s.get("cycle2_init", "image") == "cycle1":
         prev = stage_dir(run, 1) / "cell_model" / "model.pt"

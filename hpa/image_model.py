@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "samples_per_epoch",
             "batch_size", "lr", "weight_decay", "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last",
             "accumulate", "folds", "val_fold", "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum",
-            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every", "drop_connect")
+            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every", "drop_connect",
+            "loader_workers")
 
 
 def image_model_dir(run: str | os.PathLike) -> Path:
@@ -134,7 +135,8 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
                sample_weights=balanced_image_weights(labels[tr], float(s.get("balance_power", 0.0))),
                samples_per_epoch=None if s.get("samples_per_epoch") is None else int(s["samples_per_epoch"]),
                mean=mean, std=std, augment=augment, amp=s["amp"], channels_last=bool(s["channels_last"]),
-               accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), num_workers=num_workers, seed=seed,
+               accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), seed=seed,
+               num_workers=num_workers if s.get("loader_workers") is None else int(s["loader_workers"]),
                device=device, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), force=force, progress=progress,
                val_every=int(s.get("val_every") or 1),
                val_tile=None if crop is None else int(crop),
