@@ -20,7 +20,8 @@ from .cells import build_cell_table
 from .constants import NEGATIVE, NUM_CLASSES
 from .fsutil import select_shard, shard_path, shard_sets, write_json, write_parquet
 from .io import InputError, list_split, read_mask
-from .pseudo import assign_labels, cam_evidence, coverage, diagnostics, label_sets
+from .pseudo import (assign_labels, cam_evidence, cell_model_evidence, class_thresholds, coverage, diagnostics,
+                     label_sets, mixed_evidence)
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,23 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))
     ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
     negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
-    probs = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table) if cycle > 1 else None
+    probs = None
+    if cycle > 1:
+        probs = cell_model_evidence(load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table),
+                                    p.get("cycle2_evidence", "membership"))
     q = p["pos_quantile"] if cycle == 1 else p.get("cycle2_pos_quantile", p["pos_quantile"])
     label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
-    if p.get("multi_label", False):
-        ev_used = ev if probs is None else np.where(ev > 0, (1 - p["cycle2_weight"]) * ev + p["cycle2_weight"] * probs, 0)
-        out["labels"] = ["|".join(map(str, c)) for c in label_sets(ev_used, label, thr)]
+    sets = None
+    if p.get("multi_label", False):  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.pseudo.label_sets)
+        also = None if probs is None else (ev, class_thresholds(ev, p["pos_quantile"], p["pos_min"]))
+        sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also)
+        out["labels"] = ["|".join(map(str, c)) for c in sets]
     out = out[out["label"] >= 0].reset_index(drop=True)
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
     if gtmod.has_gt(data_dir):
-        report["vs_ground_truth"] = diagnostics(label, true_label_sets(run, data_dir, table))
+        report["vs_ground_truth"] = diagnostics(label, true_label_sets(run, data_dir, table), sets)
         log.info("cycle %d pseudo-labels: %.1f%% of cells labelled, precision %.3f against ground truth", cycle,
                  100 * report["coverage"]["labelled"], report["vs_ground_truth"]["overall_precision"])
     cdir = run / f"cycle{cycle}"

@@ -6,8 +6,10 @@ CAM score (mean or top-k mean of the normalised CAM inside the mask, in [0, 1]),
 the image-level probability (when ``times_image_prob``), ``V_ic`` the image model's
 probability for the cell on its own (:mod:`hpa.cell_view`) and ``v`` the setting
 ``view_weight`` (0: CAM only). Classes outside L have no evidence: a cell can only take a
-class its image was labelled with. In cycle 2 the cycle-1 cell model's probabilities join
-in: ``E_ic = (1 - w) x E_ic + w x P_ic``.
+class its image was labelled with. In cycle 2 the cycle-1 cell model joins in:
+``E_ic = (1 - w) x E_ic + w x C_ic`` with ``C`` from its softmax ``P``
+(:func:`cell_model_evidence`): ``membership`` (default) ``C_ic = (1 - P_i,18) x P_ic /
+max_c' P_ic'`` (c, c' < 18), or ``softmax`` ``C = P``.
 
 Rule (per cell, best class b = argmax_c E_ic):
 
@@ -60,6 +62,41 @@ def cam_evidence(table: pd.DataFrame, image_labels: np.ndarray, score: str = "to
     return np.where(allowed, np.clip(e, 0, 1), 0.0).astype(np.float32)
 
 
+#: How the cycle-1 cell model's softmax becomes per-class evidence (:func:`cell_model_evidence`).
+CELL_EVIDENCE = ("membership", "softmax")
+
+
+def cell_model_evidence(cell_probs: np.ndarray, kind: str = "membership") -> np.ndarray:
+    """Per-class evidence float32 (N, 19) in [0, 1] from a cell model's softmax ``P`` (N, 19).
+
+    ``softmax``: ``P`` itself. ``membership``: for c < 18, ``(1 - P_18) x P_c / max_c' P_c'``
+    (the cell is positive, times how close class c comes to the cell's top class); column 18
+    stays ``P_18``. The cell model learns uniform targets over a cell's classes, so a cell
+    showing two classes ideally gets 0.5 each: its softmax halves the evidence for both and
+    lets a rarely learnt class lose to the model's favourite. Relative to the top class,
+    both count fully (docs/pseudo_labels.md has the measured effect).
+    """
+    if kind not in CELL_EVIDENCE:
+        raise ValueError(f"unknown cell-model evidence {kind!r}; valid: {', '.join(CELL_EVIDENCE)}")
+    p = np.asarray(cell_probs, np.float32)
+    if p.ndim != 2 or p.shape[1] != NUM_CLASSES:
+        raise ValueError(f"cell probabilities must be (N, {NUM_CLASSES}), got {p.shape}")
+    if kind == "softmax":
+        return p.copy()
+    out = p.copy()
+    top = np.maximum(p[:, :NEGATIVE].max(1, keepdims=True), 1e-12)
+    out[:, :NEGATIVE] = (1.0 - p[:, NEGATIVE:]) * p[:, :NEGATIVE] / top
+    return np.clip(out, 0.0, 1.0)
+
+
+def mixed_evidence(evidence: np.ndarray, cell_evidence: np.ndarray | None, weight: float) -> np.ndarray:
+    """Cycle-2 evidence: ``(1 - w) E + w C`` where ``E > 0`` (the image's classes), else 0; ``E`` without ``C``."""
+    if cell_evidence is None:
+        return evidence
+    w = float(weight)
+    return np.where(evidence > 0, (1 - w) * evidence + w * cell_evidence, 0.0).astype(np.float32)
+
+
 def class_thresholds(evidence: np.ndarray, pos_quantile: float, pos_min: float) -> np.ndarray:
     """Per-class positive thresholds (19,) from the best-class evidence distribution."""
     best = evidence.argmax(1)
@@ -80,7 +117,8 @@ def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile
     Args:
         evidence: float (N, 19) CAM evidence from :func:`cam_evidence`.
         negative_image: bool (N,), the cell's image is labelled Negative only.
-        cell_probs: cycle 2 only: float (N, 19) softmax of the cycle-1 cell model.
+        cell_probs: cycle 2 only: float (N, 19) evidence of the cycle-1 cell model
+            (:func:`cell_model_evidence`; column 18 its Negative probability).
     Returns:
         ``(label, confidence, thresholds)``: int64 (N,) in 0..18 or -1 (left out), float32 (N,)
         the evidence behind the label, float32 (19,) the per-class positive thresholds used.
@@ -91,8 +129,7 @@ def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile
     neg_vote = (cam_best < neg_threshold).astype(np.float32)
     if cell_probs is not None:
         w = float(cycle2_weight)
-        mask = evidence > 0
-        ev = np.where(mask, (1 - w) * evidence + w * cell_probs, 0.0).astype(np.float32)
+        ev = mixed_evidence(evidence, cell_probs, w)
         neg_vote = (1 - w) * neg_vote + w * cell_probs[:, NEGATIVE]
     thr = class_thresholds(ev, pos_quantile, pos_min)
     best = ev.argmax(1) if n else np.zeros(0, np.int64)
@@ -111,20 +148,29 @@ def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile
     return label, conf, thr
 
 
-def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
+def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
+               also: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[int]]:
     """Every class a positive cell passes: ``[label] + [c != label with E_c >= t_c]`` per cell.
 
     Cells left out (-1) or Negative (18) keep their single label. Used for soft multi-class
     targets (``pseudo.multi_label``): about a third of positive HPA cells show two or more
     of their image's classes, and a single label teaches the cell model to suppress the others.
+    ``also``: a second ``(evidence, thresholds)`` rule; a class passing either joins. Cycle 2
+    passes cycle 1's evidence and thresholds here: the cycle-1 cell model, trained mostly on
+    single labels, gives a cell's second class little probability, so the mixed evidence alone
+    would drop secondary classes cycle 1 had found (on the default benchmark, most cells
+    showing nucleoplasm and nucleoli lost their nucleoli label in cycle 2).
     """
+    passes = (evidence >= thresholds[None, :]) & (evidence > 0)
+    if also is not None:
+        ev2, thr2 = also
+        passes |= (ev2 >= thr2[None, :]) & (ev2 > 0)
     sets = []
     for i, lab in enumerate(np.asarray(label)):
         if lab < 0 or lab == NEGATIVE:
             sets.append([int(lab)])
             continue
-        more = np.flatnonzero((evidence[i] >= thresholds) & (evidence[i] > 0))
-        sets.append([int(lab)] + [int(c) for c in more if c != lab and c != NEGATIVE])
+        sets.append([int(lab)] + [int(c) for c in np.flatnonzero(passes[i]) if c != lab and c != NEGATIVE])
     return sets
 
 
@@ -136,12 +182,14 @@ def coverage(labels: np.ndarray) -> dict:
             "per_class": counts.tolist()}
 
 
-def diagnostics(labels: np.ndarray, true_sets: list[list[int] | None]) -> dict:
+def diagnostics(labels: np.ndarray, true_sets: list[list[int] | None], sets: list[list[int]] | None = None) -> dict:
     """Pseudo-label precision and recall per class against true cell labels (diagnostic only).
 
     ``true_sets[i]``: the true classes of cell i (matched to a true cell), or None when the
     cell has no true partner. Precision of class c: share of cells labelled c whose true set
     holds c; recall: share of matched cells whose true set holds c that were labelled c.
+    ``sets``: the label sets of :func:`label_sets`; adds ``set_precision`` / ``set_recall``
+    (per class, over every class of every set) and their pooled ``set_precision_all``.
     """
     labels = np.asarray(labels)
     prec, rec, n_lab, n_true = [], [], [], []
@@ -156,6 +204,22 @@ def diagnostics(labels: np.ndarray, true_sets: list[list[int] | None]) -> dict:
     matched = np.array([t is not None for t in true_sets], bool)
     correct = np.array([t is not None and l >= 0 and l in t for l, t in zip(labels, true_sets)], bool)
     lab = (labels >= 0) & matched
-    return {"precision": prec, "recall": rec, "n_labelled": n_lab, "n_true": n_true,
-            "overall_precision": float(correct[lab].mean()) if lab.any() else float("nan"),
-            "matched_cells": int(matched.sum())}
+    out = {"precision": prec, "recall": rec, "n_labelled": n_lab, "n_true": n_true,
+           "overall_precision": float(correct[lab].mean()) if lab.any() else float("nan"),
+           "matched_cells": int(matched.sum())}
+    if sets is not None:
+        given = np.zeros((len(sets), NUM_CLASSES), bool)
+        for i, s in enumerate(sets):
+            given[i, [c for c in s if c >= 0]] = True
+        truth = np.zeros_like(given)
+        for i, t in enumerate(true_sets):
+            if t is not None:
+                truth[i, list(t)] = True
+        given &= matched[:, None]
+        hit = given & truth
+        out["set_precision"] = [float(hit[:, c].sum() / given[:, c].sum()) if given[:, c].any() else float("nan")
+                                for c in range(NUM_CLASSES)]
+        out["set_recall"] = [float(hit[:, c].sum() / truth[:, c].sum()) if truth[:, c].any() else float("nan")
+                             for c in range(NUM_CLASSES)]
+        out["set_precision_all"] = float(hit.sum() / given.sum()) if given.any() else float("nan")
+    return out

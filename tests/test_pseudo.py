@@ -119,3 +119,41 @@ def test_label_sets_add_passing_classes_to_positives_only():
     ev[1, 5] = 0.05  # Negative: stays single
     thr = np.full(NUM_CLASSES, 0.5, np.float32)
     assert label_sets(ev, np.array([2, NEGATIVE, -1]), thr) == [[2, 5], [NEGATIVE], [-1]]
+
+
+def test_membership_evidence_counts_a_cells_second_class_fully():
+    from hpa.pseudo import cell_model_evidence
+
+    p = np.zeros((2, NUM_CLASSES), np.float32)
+    p[0, [0, 2, NEGATIVE]] = [0.45, 0.45, 0.1]  # a positive cell showing two classes
+    p[1, [0, NEGATIVE]] = [0.2, 0.8]  # a probably negative cell
+    m = cell_model_evidence(p)
+    assert m[0, 0] == pytest.approx(0.9) and m[0, 2] == pytest.approx(0.9) and m[0, NEGATIVE] == pytest.approx(0.1)
+    assert m[1, 0] == pytest.approx(0.2) and m[1, NEGATIVE] == pytest.approx(0.8) and m[1, 5] == 0
+    np.testing.assert_array_equal(cell_model_evidence(p, "softmax"), p)
+    with pytest.raises(ValueError, match="unknown cell-model evidence 'max'; valid: membership, softmax"):
+        cell_model_evidence(p, "max")
+
+
+def test_cycle2_label_sets_keep_the_secondary_classes_of_cycle1():
+    from hpa.pseudo import label_sets, mixed_evidence
+
+    ev = np.zeros((1, NUM_CLASSES), np.float32)
+    ev[0, [0, 2]] = [0.9, 0.6]  # cycle 1: nucleoplasm, and nucleoli passes too
+    thr1 = np.full(NUM_CLASSES, 0.5, np.float32)
+    probs = np.zeros((1, NUM_CLASSES), np.float32)
+    probs[0, 0] = 1.0  # the cycle-1 cell model learnt nucleoplasm only
+    mixed = mixed_evidence(ev, probs, 0.7)
+    assert mixed[0, 2] == pytest.approx(0.18) and mixed[0, 5] == 0  # 0.3 * 0.6; classes outside the image stay 0
+    thr2 = np.full(NUM_CLASSES, 0.3, np.float32)
+    assert label_sets(mixed, np.array([0]), thr2) == [[0]]
+    assert label_sets(mixed, np.array([0]), thr2, also=(ev, thr1)) == [[0, 2]]
+
+
+def test_diagnostics_of_label_sets():
+    labels = np.array([0, 2, NEGATIVE])
+    truth = [[0, 2], [2], None]
+    d = diagnostics(labels, truth, sets=[[0, 2], [2, 5], [NEGATIVE]])
+    assert d["set_precision"][2] == pytest.approx(1.0) and d["set_precision"][5] == pytest.approx(0.0)
+    assert d["set_recall"][2] == pytest.approx(1.0) and d["set_recall"][0] == pytest.approx(1.0)
+    assert d["set_precision_all"] == pytest.approx(3 / 4)  # the unmatched Negative cell is not counted
