@@ -137,6 +137,10 @@ DEFAULTS: dict[str, Any] = {
         "small_cell_penalty": True,  # lower confidence for small cells and cells cut by the border
         "cycle": "last",  # which cycle's cell model predicts (last | 1 | 2)
     },
+    # ---------------------------------------------------------------- stage 07
+    "evaluate": {
+        "bootstrap": 200,  # resamples of the test images for confidence intervals and paired step gains (0: none)
+    },
 }
 
 #: Profile overrides, applied on top of DEFAULTS.
@@ -146,6 +150,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "image_model": {"image_size": 128, "epochs": 2, "samples_per_epoch": None, "batch_size": 8, "folds": 3,
                         "val_every": 1},
         "cam": {"overlay_max_images": 4},
+        "evaluate": {"bootstrap": 20},
         "pseudo": {"pos_min": 0.0},  # untrained models give weak evidence: keep some labels for the smoke test
         "segment": {"work_size": 256},
         "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32, "samples_per_epoch": None},

@@ -300,6 +300,15 @@ def cell_map(
         :class:`MetricResult`.
     """
     _check_args(mode, iou_threshold)
+    return _score(cell_images(gt, pred), _n_gt(gt), mode, iou_threshold, len(gt))
+
+
+def cell_images(gt: GroundTruth, pred: Mapping[str, tuple], iou_cache: dict | None = None) -> list[_ImageEval]:
+    """The per-image inputs of the core for :func:`cell_map`'s arguments (checked as there).
+
+    ``iou_cache``: a dict shared by calls whose predictions use the same masks (several
+    confidence sets of one segmentation): each image's IoU matrix is computed once.
+    """
     _unknown_ids(list(pred), gt)
     images = []
     for image_id, entry in pred.items():
@@ -316,7 +325,12 @@ def cell_map(
         conf = np.asarray(conf, dtype=np.float64)
         if conf.shape != (len(pids), NUM_CLASSES):
             raise ValueError(f"image {image_id!r}: conf must be ({len(pids)}, {NUM_CLASSES}) for {len(pids)} ids, got {conf.shape}")
-        iou, p_ids, t_ids = iou_matrix(pmask, gmask)
+        if iou_cache is not None and image_id in iou_cache:
+            iou, p_ids, t_ids = iou_cache[image_id]
+        else:
+            iou, p_ids, t_ids = iou_matrix(pmask, gmask)
+            if iou_cache is not None:
+                iou_cache[image_id] = (iou, p_ids, t_ids)
         label_ids, labels = _label_matrix(image_id, gt[image_id][1])
         _check_same_cells(image_id, t_ids, label_ids)
         rows = np.searchsorted(p_ids, pids)
@@ -327,7 +341,39 @@ def cell_map(
             rows[~present] = len(p_ids)
         k, c = np.nonzero(np.isfinite(conf) & (conf >= 0))  # cell order, then class order
         images.append(_ImageEval(iou, labels, rows[k], c.astype(np.int64), conf[k, c], image_id))
+    return images
+
+
+def score_images(gt: GroundTruth, images: list[_ImageEval], mode: str = "oid",
+                 iou_threshold: float = IOU_THRESHOLD) -> MetricResult:
+    """:func:`cell_map` of inputs already built by :func:`cell_images`."""
+    _check_args(mode, iou_threshold)
     return _score(images, _n_gt(gt), mode, iou_threshold, len(gt))
+
+
+def bootstrap_maps(gt: GroundTruth, images: Mapping[str, list[_ImageEval]], n_boot: int = 200, seed: int = 0,
+                   mode: str = "oid", iou_threshold: float = IOU_THRESHOLD) -> dict[str, np.ndarray]:
+    """mAP of several prediction sets on the same ``n_boot`` resamples of the ground-truth images.
+
+    Each resample draws ``len(gt)`` images with replacement (a drawn image counts as often as
+    it is drawn, with its true cells); every set is scored on the same draws, so differences
+    between sets are paired. ``images``: ``{name: cell_images(gt, pred)}``. Returns
+    ``{name: float64 (n_boot,)}``; a resample with no true cell of some class scores the
+    mean over the classes it has, as :func:`cell_map` does.
+    """
+    _check_args(mode, iou_threshold)
+    ids = list(gt)
+    n_per = np.stack([_label_matrix(i, gt[i][1])[1].sum(0) for i in ids]) if ids else np.zeros((0, NUM_CLASSES))
+    by_id = {name: {im.image_id: im for im in ims} for name, ims in images.items()}
+    rng = np.random.default_rng(seed)
+    out = {name: np.empty(n_boot) for name in images}
+    for b in range(n_boot):
+        draw = rng.integers(0, len(ids), len(ids))
+        n_gt = n_per[draw].sum(0).astype(np.int64)
+        for name, table in by_id.items():
+            ims = [table[ids[j]] for j in draw if ids[j] in table]
+            out[name][b] = _score(ims, n_gt, mode, iou_threshold, len(draw)).map
+    return out
 
 
 def submission_map(

@@ -11,7 +11,7 @@ import pandas as pd
 
 from . import gt as gtmod
 from .constants import CLASS_NAMES, NUM_CLASSES
-from .evaluate import METHODS, final_method, method_confidences, score_methods, segmentation_quality
+from .evaluate import METHODS, final_method, method_confidences, score_methods, segmentation_quality, step_gains
 from .fsutil import atomic_path, write_json, write_text
 from .labelling import cell_table
 from .timing import read_timings
@@ -54,7 +54,14 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
             log.warning("no %s predictions in %s: row left out of the report", m, run)
         else:
             confs[m] = c
-    report["methods"] = score_methods(run, data_dir, table, confs, mode)
+    n_boot = int(cfg.get("evaluate", {}).get("bootstrap", 0) or 0)
+    report["methods"] = score_methods(run, data_dir, table, confs, mode, n_boot, int(cfg.get("seed", 0)))
+    if n_boot:
+        report["bootstrap"] = {"resamples": n_boot, "unit": "test image"}
+        report["steps"] = step_gains(report["methods"])
+        for v in report["methods"].values():
+            b = np.asarray(v.pop("bootstrap"))
+            v["ci95"] = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]
     try:
         fm = final_method(run, p)
     except FileNotFoundError:
@@ -107,12 +114,21 @@ def write_report(run: str | Path, report: dict) -> None:
 def render_markdown(r: dict) -> str:
     lines = [f"# Report for {r['run']}", "", f"Data: `{r['data']}`, profile `{r.get('profile')}`, scoring mode `{r['mode']}`.", ""]
     if r.get("methods"):
-        lines += ["## Cell-level mAP (test split, IoU >= 0.6)", "", "| method | what | mAP |", "|---|---|---|"]
+        ci = all("ci95" in v for v in r["methods"].values())
+        lines += ["## Cell-level mAP (test split, IoU >= 0.6)", "",
+                  "| method | what | mAP |" + (" 95% CI |" if ci else ""), "|---|---|---|" + ("---|" if ci else "")]
         for m, v in r["methods"].items():
-            lines.append(f"| {m} | {DESCRIPTIONS.get(m, '')} | {v['mAP']:.4f} |")
+            lines.append(f"| {m} | {DESCRIPTIONS.get(m, '')} | {v['mAP']:.4f} |"
+                         + (f" {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f} |" if ci else ""))
         if "oracle" in r["methods"] and r.get("submitted") in r["methods"]:
             ratio = r["methods"][r["submitted"]]["mAP"] / max(r["methods"]["oracle"]["mAP"], 1e-9)
-            lines += ["", f"Submitted model `{r['submitted']}` reaches {ratio:.2f} of the oracle."]
+            lines += ["", f"Submitted model `{r['submitted']}` reaches {ratio:.3f} of the oracle."]
+        if r.get("steps"):
+            lines += ["", f"### Does each step add? (paired bootstrap: {r['bootstrap']['resamples']} resamples of the "
+                      "test images, every method scored on the same ones)", "",
+                      "| step | mAP gain | 95% CI of the gain | resamples where it gains |", "|---|---|---|---|"]
+            lines += [f"| {s['from']} -> {s['to']} | {s['gain']:+.4f} | {s['ci95'][0]:+.4f} to {s['ci95'][1]:+.4f} | "
+                      f"{100 * s['p_better']:.0f}% |" for s in r["steps"]]
         lines += ["", "### AP per class", "", "| class | " + " | ".join(r["methods"]) + " |",
                   "|---|" + "---|" * len(r["methods"])]
         for c in range(NUM_CLASSES):

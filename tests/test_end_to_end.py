@@ -29,7 +29,10 @@ def test_quick_profile_end_to_end(tmp_path):
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
     assert list(report["methods"]) == ["broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle"]
-    assert all(0.0 <= v["mAP"] <= 1.0 for v in report["methods"].values())
+    assert all(0.0 <= v["mAP"] <= 1.0 and v["ci95"][0] <= v["ci95"][1] for v in report["methods"].values())
+    assert [(s["from"], s["to"]) for s in report["steps"]][:4] == [("broadcast", "cam"), ("cam", "cycle1"),
+                                                                   ("cycle1", "cycle2"), ("cycle2", "oracle")]
+    assert "Does each step add?" in (run / "report.md").read_text()
     sub = pd.read_csv(run / "submission.csv")
     assert len(sub) == 8
     # the submission scores through the stand-alone scorer like the report's submitted model

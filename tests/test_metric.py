@@ -352,3 +352,38 @@ def test_real_mask_ground_truth_scores_one_and_eroded_cells_miss(tmp_path):
         fast, slow = both_paths(tmp_path, gt, {"real": (p.reshape(g.shape), ids, conf)})
         assert fast.map == expected and fast.n_tp_per_class.sum() == (len(ids) if expected else 0)
         assert_same(fast, slow)
+
+
+def test_bootstrap_resamples_images_and_pairs_the_methods():
+    from hpa.metric import bootstrap_maps, cell_images, score_images
+
+    gt, pred = random_case(7, n_images=5)
+    worse = {k: (m, ids, np.where(np.isnan(c), c, c[::-1])) for k, (m, ids, c) in pred.items()}  # confidences shuffled
+    cache = {}
+    images = {"a": cell_images(gt, pred, cache), "b": cell_images(gt, worse, cache)}
+    assert len(cache) == 5  # one IoU matrix per predicted image, shared by both sets
+    assert score_images(gt, images["a"]).map == cell_map(gt, pred).map
+    boot = bootstrap_maps(gt, images, n_boot=30, seed=1)
+    assert boot["a"].shape == (30,) and np.isfinite(boot["a"]).all()
+    again = bootstrap_maps(gt, images, n_boot=30, seed=1)
+    np.testing.assert_array_equal(boot["a"], again["a"])  # seeded
+    # a resample that draws every image once is the full score: check one by hand
+    ids = list(gt)
+    rng = np.random.default_rng(1)
+    draw = rng.integers(0, len(ids), len(ids))
+    sub_gt = {f"{ids[j]}#{n}": gt[ids[j]] for n, j in enumerate(draw)}
+    sub_pred = {f"{ids[j]}#{n}": pred[ids[j]] for n, j in enumerate(draw) if ids[j] in pred}
+    assert boot["a"][0] == pytest.approx(cell_map(sub_gt, sub_pred).map)
+    assert not np.array_equal(boot["a"], boot["b"])
+
+
+def test_step_gains_from_paired_resamples():
+    from hpa.evaluate import step_gains
+
+    methods = {"broadcast": {"mAP": 0.5, "bootstrap": [0.4, 0.5, 0.6, 0.5]},
+               "cam": {"mAP": 0.6, "bootstrap": [0.5, 0.55, 0.65, 0.7]},
+               "cycle1": {"mAP": 0.9}}  # no resamples: no step
+    steps = step_gains(methods)
+    assert len(steps) == 1 and steps[0]["from"] == "broadcast" and steps[0]["to"] == "cam"
+    assert steps[0]["gain"] == pytest.approx(0.1) and steps[0]["p_better"] == pytest.approx(1.0)
+    assert steps[0]["ci95"][0] == pytest.approx(np.percentile([0.1, 0.05, 0.05, 0.2], 2.5))
