@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
     case "$PROFILE" in
         quick) SYNTH=(--n-train 24 --n-test 8 --size 128) ;;
-        default) SYNTH=(--n-train 400 --n-test 100 --size 256) ;;
+        default) SYNTH=(--n-train 400 --n-test 300 --size 256) ;;  # 300 test fields: rare classes get 2-3 each
         full) SYNTH=(--n-train 2000 --n-test 400 --size 512) ;;
         *) echo "run_all.sh: unknown profile $PROFILE (quick, default, full)" >&2; exit 2 ;;
     esac

@@ -99,7 +99,7 @@ DEFAULTS: dict[str, Any] = {
         "neg_threshold": 0.1,  # a cell whose best score is below this becomes Negative (18)
         "cycle2_weight": 0.7,  # cycle 2: evidence = (1-w) * cycle-1 evidence + w * cycle-1 cell-model evidence
         "multi_label": True,  # positive cells also take the other image classes they pass (soft, uniform targets)
-        "cycle2_pos_quantile": 0.0,  # cycle 2's pos_quantile (the cell model makes the evidence surer: label more)
+        "cycle2_pos_quantile": 0.3,  # cycle 2's pos_quantile (0: label every cell that passes pos_min; docs/pseudo_labels.md)
         "cycle2_evidence": "membership",  # membership: (1 - P_neg) x P_c / max P | softmax: P as it is (hpa.pseudo)
     },
     # ---------------------------------------------------------------- stage 05
