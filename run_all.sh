@@ -29,7 +29,7 @@ if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
         *) echo "run_all.sh: unknown profile $PROFILE (quick, default, full)" >&2; exit 2 ;;
     esac
     DATA="data/synth-$PROFILE"
-    "$PY" -m hpa.synth "$DATA" "${SYNTH[@]}" --seed 0
+    "$PY" -m hpa.synth "$DATA" "${SYNTH[@]}" --seed 0 --workers 2
 fi
 
 "$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE"

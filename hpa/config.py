@@ -104,7 +104,7 @@ DEFAULTS: dict[str, Any] = {
     },
     # ---------------------------------------------------------------- stage 05
     "cell_model": {
-        "cycle2_init": "cycle1",  # cycle 2 starts from: cycle1 (the cycle-1 cell model, trained on) | image (the image model)
+        "cycle2_init": "image",  # cycle 2 starts from: image (the image model, as cycle 1) | cycle1 (the cycle-1 cell model, trained on)
         "crop_size": 64,  # cell crops (cut from the full-res field) are resized to this square size
         "margin": 0.1,  # crop window: bbox grown by this fraction of its longest side on each side, made square
         "outside": "dim",  # zero | dim | keep: what happens to crop pixels outside the cell mask
@@ -132,7 +132,7 @@ DEFAULTS: dict[str, Any] = {
     },
     # ---------------------------------------------------------------- stage 06
     "predict": {
-        "combine": "product",  # product | mean | cell | image: how cell and image probabilities combine
+        "combine": "cell",  # cell | product | mean | image: how cell and image probabilities combine (docs/cell_model.md)
         "negative": "max",  # max | min_complement | cell: how the Negative confidence is formed
         "small_cell_penalty": True,  # lower confidence for small cells and cells cut by the border
         "cycle": "last",  # which cycle's cell model predicts (last | 1 | 2)
@@ -166,6 +166,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segment": {"work_size": 1024},
         "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4, "samples_per_epoch": None,
                        "loader_workers": 4, "tta_flip": True},
+        "predict": {"combine": "product"},  # what the top HPA teams found best with their strong image models
     },
 }
 

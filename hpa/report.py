@@ -22,16 +22,29 @@ DESCRIPTIONS = {
     "broadcast": "image probabilities given to every cell",
     "cam": "cell CAM score x image probability",
     "cellview": "image model on the cell alone x image probability",
-    "cycle1": "cycle-1 cell model x image probability",
-    "cycle2": "cycle-2 cell model x image probability",
+    "cycle1": "cycle-1 cell model",
+    "cycle2": "cycle-2 cell model",
     "oracle": "same cell model trained on true cell labels (upper bound)",
 }
+
+#: How the cell-model rows combine with the image model (``predict.combine``), for the descriptions.
+COMBINED = {"cell": "", "product": " x image probability", "mean": ", mean with the image probability",
+            "image": " (image probability only)"}
+
+
+def describe(method: str, combine: str | None = None) -> str:
+    """One-line description of a report row; cell-model rows say how they were combined."""
+    text = DESCRIPTIONS.get(method, "")
+    if method in ("cycle1", "cycle2") and combine:
+        text += COMBINED.get(combine, f" ({combine})")
+    return text
 
 
 def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
     """Score every method and gather diagnostics and timings into one dict (also written to disk)."""
     run, data_dir = Path(run), Path(cfg["data"])
-    report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.get("profile"), "mode": mode}
+    report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.get("profile"), "mode": mode,
+                    "combine": cfg["predict"]["combine"]}
     for k in (1, 2):
         p = run / f"cycle{k}" / "pseudo_report.json"
         if p.is_file():
@@ -118,7 +131,7 @@ def render_markdown(r: dict) -> str:
         lines += ["## Cell-level mAP (test split, IoU >= 0.6)", "",
                   "| method | what | mAP |" + (" 95% CI |" if ci else ""), "|---|---|---|" + ("---|" if ci else "")]
         for m, v in r["methods"].items():
-            lines.append(f"| {m} | {DESCRIPTIONS.get(m, '')} | {v['mAP']:.4f} |"
+            lines.append(f"| {m} | {describe(m, r.get('combine'))} | {v['mAP']:.4f} |"
                          + (f" {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f} |" if ci else ""))
         if "oracle" in r["methods"] and r.get("submitted") in r["methods"]:
             ratio = r["methods"][r["submitted"]]["mAP"] / max(r["methods"]["oracle"]["mAP"], 1e-9)
@@ -210,7 +223,7 @@ def summary_table(report: dict) -> str:
     if not report.get("methods"):
         rows = ["no ground truth: nothing scored (see report.md for coverage and timings)"]
     else:
-        rows = [f"{m:<10} mAP={v['mAP']:.4f}  {DESCRIPTIONS.get(m, '')}" for m, v in report["methods"].items()]
+        rows = [f"{m:<10} mAP={v['mAP']:.4f}  {describe(m, report.get('combine'))}" for m, v in report["methods"].items()]
     problems = report.get("input_problems") or {}
     n_skip = len({(s["split"], s["ID"]) for s in problems.get("skipped", [])})
     n_empty = len(problems.get("no_cells", []))
