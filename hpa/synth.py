@@ -1,6 +1,6 @@
 """Synthetic HPA-like benchmark with single-cell ground truth.
 
-``python -m hpa.synth OUT --n-train 400 --n-test 100 --size 256 --seed 0 [--workers 2]`` writes
+``python -m hpa.synth OUT --n-train 400 --n-test 300 --size 256 --seed 0 [--workers 2]`` writes
 a data set in the Kaggle "HPA Single Cell Classification" layout::
 
     OUT/train.csv                       ID,Label (classes joined by '|')
