@@ -21,7 +21,7 @@ from .constants import NEGATIVE, NUM_CLASSES
 from .fsutil import select_shard, shard_path, shard_sets, write_json, write_parquet
 from .io import InputError, list_split, read_mask
 from .pseudo import (assign_labels, cam_evidence, cell_model_evidence, class_thresholds, coverage, diagnostics,
-                     label_sets, mixed_evidence)
+                     fill_labels, label_sets, mixed_evidence)
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,10 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))
     ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
     negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
-    probs = None
+    raw = probs = None
     if cycle > 1:
-        probs = cell_model_evidence(load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table),
-                                    p.get("cycle2_evidence", "membership"))
+        raw = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table)
+        probs = cell_model_evidence(raw, p.get("cycle2_evidence", "membership"))
     q = p["pos_quantile"] if cycle == 1 else p.get("cycle2_pos_quantile", p["pos_quantile"])
     label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
     out = table[["ID", "cell_id"]].copy()
@@ -182,12 +182,28 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
         also = None if probs is None else (ev, class_thresholds(ev, p["pos_quantile"], p["pos_min"]))
         sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also)
         out["labels"] = ["|".join(map(str, c)) for c in sets]
-    out = out[out["label"] >= 0].reset_index(drop=True)
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
+    fill_w = float(p.get("cycle2_fill_weight") or 0.0) if raw is not None else 0.0
+    filled = np.zeros(len(label), bool)
+    if fill_w > 0:  # the cells the rule left out: the cell model's best allowed class, at a lower weight
+        full = fill_labels(label, raw, img_labels)
+        filled = label < 0
+        out["label"] = full
+        out["confidence"] = np.where(filled, raw[np.arange(len(full)), full], conf).astype(np.float32)
+        out["weight"] = np.where(filled, fill_w, 1.0).astype(np.float32)
+        if "labels" in out.columns:
+            out.loc[filled, "labels"] = full[filled].astype(str)
+        report["filled"] = {"weight": fill_w, **coverage(np.where(filled, full, -1))}
     if gtmod.has_gt(data_dir):
-        report["vs_ground_truth"] = diagnostics(label, true_label_sets(run, data_dir, table), sets)
+        truth = true_label_sets(run, data_dir, table)
+        report["vs_ground_truth"] = diagnostics(label, truth, sets)
         log.info("cycle %d pseudo-labels: %.1f%% of cells labelled, precision %.3f against ground truth", cycle,
                  100 * report["coverage"]["labelled"], report["vs_ground_truth"]["overall_precision"])
+        if filled.any():
+            report["filled"]["vs_ground_truth"] = diagnostics(np.where(filled, out["label"].to_numpy(), -1), truth)
+            log.info("cycle %d: %d left-out cells filled from the cell model at weight %.2f, precision %.3f", cycle,
+                     int(filled.sum()), fill_w, report["filled"]["vs_ground_truth"]["overall_precision"])
+    out = out[out["label"] >= 0].reset_index(drop=True)
     cdir = run / f"cycle{cycle}"
     write_parquet(cdir / "pseudo_labels.parquet", out)
     write_json(cdir / "pseudo_report.json", report)

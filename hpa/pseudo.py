@@ -174,6 +174,26 @@ def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
     return sets
 
 
+def fill_labels(label: np.ndarray, cell_probs: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
+    """Cycle 2's labels for the cells the rule left out (-1): the cell model's best allowed class.
+
+    ``cell_probs``: (N, 19) softmax of the previous cycle's cell model; ``image_labels``:
+    (N, 19) 0/1 labels of each cell's image. A left-out cell takes the most probable class
+    among its image's classes and Negative; labelled cells keep theirs. These are the cells no
+    rule is sure of: stage 04 gives them a lower weight (``pseudo.cycle2_fill_weight``), so
+    they are drawn less often, and keeps them out of the coverage figures. Without them the
+    hard cells are never seen by any cycle's cell model (docs/pseudo_labels.md).
+    """
+    label = np.asarray(label)
+    p = np.asarray(cell_probs, np.float32)
+    allowed = np.asarray(image_labels).astype(bool).copy()
+    if p.shape != allowed.shape or p.shape[:1] != label.shape:
+        raise ValueError(f"labels {label.shape}, cell probabilities {p.shape} and image labels {allowed.shape} disagree")
+    allowed[:, NEGATIVE] = True
+    best = np.where(allowed, p, -1.0).argmax(1) if len(p) else np.zeros(0, np.int64)
+    return np.where(label < 0, best, label).astype(np.int64)
+
+
 def coverage(labels: np.ndarray) -> dict:
     """Share of cells labelled, and the count per class."""
     labels = np.asarray(labels)

@@ -165,6 +165,12 @@ def render_markdown(r: dict) -> str:
         line = f"- cycle {k}: {100 * cov['labelled']:.1f}% of {cov['n_cells']} train cells labelled"
         if "vs_ground_truth" in pr:
             line += f", precision {pr['vs_ground_truth']['overall_precision']:.3f} against true cell labels"
+        if pr.get("filled"):
+            f = pr["filled"]
+            line += (f"; the other {100 * f['labelled']:.1f}% take the cycle-1 cell model's best allowed class at "
+                     f"weight {f['weight']:g}")
+            if "vs_ground_truth" in f:
+                line += f" (precision {f['vs_ground_truth']['overall_precision']:.3f})"
         lines += (["", "## Pseudo-labels", ""] if k == 1 or "pseudo_cycle1" not in r else []) + [line]
     lines += _problem_lines(r.get("input_problems") or {})
     if r.get("timings_s"):

@@ -33,6 +33,11 @@ def test_quick_profile_end_to_end(tmp_path):
     assert [(s["from"], s["to"]) for s in report["steps"]][:4] == [("broadcast", "cam"), ("cam", "cycle1"),
                                                                    ("cycle1", "cycle2"), ("cycle2", "oracle")]
     assert "Does each step add?" in (run / "report.md").read_text()
+    # cycle 2 labels every training cell: the rule's labels at weight 1, the cells it left out at the fill weight
+    cells, pl2 = pd.read_parquet(run / "cells" / "train.parquet"), pd.read_parquet(run / "cycle2" / "pseudo_labels.parquet")
+    pr2 = json.loads((run / "cycle2" / "pseudo_report.json").read_text())
+    assert len(pl2) == len(cells) and (pl2["weight"] == 0.5).sum() == sum(pr2["filled"]["per_class"])
+    assert sum(pr2["filled"]["per_class"]) == round((1 - pr2["coverage"]["labelled"]) * len(cells))
     sub = pd.read_csv(run / "submission.csv")
     assert len(sub) == 8
     # the submission scores through the stand-alone scorer like the report's submitted model

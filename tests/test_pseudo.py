@@ -5,7 +5,7 @@ import pytest
 
 from hpa.cells import cell_cam_scores, cell_geometry, image_cell_rows
 from hpa.constants import NEGATIVE, NUM_CLASSES
-from hpa.pseudo import assign_labels, cam_evidence, class_thresholds, diagnostics
+from hpa.pseudo import assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels
 
 
 def two_squares():
@@ -157,3 +157,19 @@ def test_diagnostics_of_label_sets():
     assert d["set_precision"][2] == pytest.approx(1.0) and d["set_precision"][5] == pytest.approx(0.0)
     assert d["set_recall"][2] == pytest.approx(1.0) and d["set_recall"][0] == pytest.approx(1.0)
     assert d["set_precision_all"] == pytest.approx(3 / 4)  # the unmatched Negative cell is not counted
+
+
+def test_fill_labels_gives_left_out_cells_the_best_allowed_class():
+    label = np.array([3, -1, -1, -1, NEGATIVE])
+    img = np.zeros((5, NUM_CLASSES))
+    img[:, [3, 7]] = 1
+    img[3] = 0
+    img[3, NEGATIVE] = 1  # a Negative-only image
+    p = np.full((5, NUM_CLASSES), 0.01, np.float32)
+    p[1, 7], p[1, 12] = 0.4, 0.5  # 12 is not among the image's classes: 7 wins
+    p[2, NEGATIVE], p[2, 3] = 0.6, 0.3  # Negative is always allowed
+    p[3, 0] = 0.9  # only Negative is allowed
+    p[0, 7] = p[4, 3] = 0.9  # labelled cells keep their labels
+    assert fill_labels(label, p, img).tolist() == [3, 7, NEGATIVE, NEGATIVE, NEGATIVE]
+    with pytest.raises(ValueError, match="disagree"):
+        fill_labels(label[:3], p, img)
