@@ -50,3 +50,11 @@ def test_quick_profile_end_to_end(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "report.json").read_text())["methods"] == report["methods"]
+    # the held-out cell benchmark scores the run's cell models on fresh fields through the run's own stages
+    out = subprocess.run([sys.executable, "benchmarks/cell_heldout.py", "--run", str(run), "--n", "4", "--seed", "9",
+                          "--bootstrap", "5"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {ln.split()[0]: float(ln.split()[1]) for ln in out.stdout.splitlines()
+            if ln.split() and ln.split()[0] in ("broadcast", "cycle1", "cycle2", "oracle")}
+    assert set(rows) == {"broadcast", "cycle1", "cycle2", "oracle"} and all(0 <= v <= 1 for v in rows.values())
+    assert (run / "heldout_seed9" / "run" / "masks" / "test" / "cells.csv").is_file()

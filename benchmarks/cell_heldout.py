@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Cell-level mAP of cell models on a large held-out synthetic set: a yardstick that is not the test split.
+
+Settings of the cell stages (pseudo-label rules, cycle-2 options, combination) should not be
+chosen on the test split the report scores, and the validation fold of a run is small (79
+images on the default benchmark; ``benchmarks/combination_val.py``). This benchmark draws
+fresh fields from a seed the run never saw, at the resolution of the run's data, runs the
+run's own stages 03 (segmentation) and 02 (image probabilities, CAMs) on them in a work run
+that links the run's image model, builds the cell table and the crop cache, and scores every
+given cell model there with the run's combination rule (``predict.combine``, ``negative``,
+small-cell penalty), side by side on the same cells, with paired bootstrap intervals of each
+model's gain over the first one, and AP per class.
+
+    python benchmarks/cell_heldout.py --run runs/default [--n 300] [--seed 7] \\
+        [--model NAME=PATH/model.pt ...] [--work DIR]
+
+Without ``--model``: the run's cycle1, cycle2 and oracle cell models. ``--model`` adds cell
+models of other runs (for example a cycle-2 model trained with other settings on a copy of
+the run): they must share the run's image model and crop settings. The work folder (default
+``RUN/heldout_seed{seed}``) is kept and reused, so a second call with other models costs only
+their predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from hpa import gt as gtmod  # noqa: E402
+from hpa.cell_model import predict_cells, split_cache  # noqa: E402
+from hpa.cells import IMG_COLS  # noqa: E402
+from hpa.constants import CLASS_NAMES  # noqa: E402
+from hpa.config import load_run_config, save_config  # noqa: E402
+from hpa.io import read_mask  # noqa: E402
+from hpa.labelling import cell_table  # noqa: E402
+from hpa.metric import bootstrap_maps, cell_images, score_images  # noqa: E402
+from hpa.predict import aligned_cell_probs, combine, quality_factor  # noqa: E402
+from hpa.synth import generate_dataset  # noqa: E402
+from hpa.train import load_model  # noqa: E402
+
+
+def parse_models(run: Path, items: list[str] | None) -> dict[str, Path]:
+    """``NAME=PATH`` pairs, or the run's own cell models that exist."""
+    if not items:
+        own = {"cycle1": run / "cycle1", "cycle2": run / "cycle2", "oracle": run / "oracle"}
+        return {k: d / "cell_model" / "model.pt" for k, d in own.items() if (d / "cell_model" / "model.pt").is_file()}
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            sys.exit(f"--model {item!r}: expected NAME=PATH to an existing model.pt")
+        out[name] = Path(path)
+    return out
+
+
+def prepare(run: Path, work: Path, n: int, seed: int, workers: int) -> tuple[Path, Path]:
+    """Held-out data (``work/data``, ``n`` test fields) and a work run (``work/run``) with segmentation and CAMs."""
+    cfg = load_run_config(run)
+    synth_meta = Path(cfg["data"]) / "gt" / "synth_meta.json"
+    if not synth_meta.is_file():
+        sys.exit(f"{cfg['data']} is not a synthetic data set (no gt/synth_meta.json): nothing to draw from")
+    meta = json.loads(synth_meta.read_text())
+    if int(meta.get("seed", -1)) == seed:
+        sys.exit(f"--seed {seed} is the seed of the run's own data: choose another")
+    data = generate_dataset(work / "data", 1, n, size=int(meta["size"]), seed=seed, workers=workers, progress=False)
+    wrun = work / "run"
+    wrun.mkdir(parents=True, exist_ok=True)
+    if not (wrun / "image_model").exists():
+        os.symlink((run / "image_model").resolve(), wrun / "image_model")
+    save_config(wrun, {**cfg, "data": str(data.resolve())})
+    for stage in ("03_segment.py", "02_cam.py"):  # both resume: finished work is reused
+        subprocess.run([sys.executable, str(ROOT / "stages" / stage), "--run", str(wrun), "--split", "test"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return data, wrun
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a finished run (stages 01-05) on synthetic data")
+    ap.add_argument("--model", action="append", metavar="NAME=PATH", help="a cell model to score (repeatable)")
+    ap.add_argument("--n", type=int, default=300, help="held-out fields to generate")
+    ap.add_argument("--seed", type=int, default=7, help="generator seed (not the run's own)")
+    ap.add_argument("--work", default=None, help="work folder (default RUN/heldout_seed{seed}; kept and reused)")
+    ap.add_argument("--bootstrap", type=int, default=200, help="resamples of the held-out images for the intervals")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    run = Path(args.run)
+    models = parse_models(run, args.model)
+    if not models:
+        sys.exit(f"{run} has no cell models yet (stage 05) and no --model was given")
+    work = Path(args.work) if args.work else run / f"heldout_seed{args.seed}"
+    t = time.perf_counter()
+    data, wrun = prepare(run, work, args.n, args.seed, args.workers)
+    cfg = load_run_config(wrun)
+    p, sc = cfg["predict"], cfg["pseudo"]
+    table = cell_table(wrun, data, "test", sc["topk_frac"], sc["work_size"], view=False)
+    crops, index = split_cache(wrun, data, "test", cfg["cell_model"], args.workers)
+    print(f"{run}: held-out set of {table['ID'].nunique()} fields, {len(table)} cells (seed {args.seed}; "
+          f"prepared in {time.perf_counter() - t:.0f} s); rule {p['combine']}, negative {p['negative']}")
+
+    img = table[IMG_COLS].to_numpy(np.float32)
+    quality = quality_factor(table["rel_area"], table["touches_border"]) if p["small_cell_penalty"] else None
+    confs = {"broadcast": combine(img, None, "image", "max", quality)}
+    for name, path in models.items():
+        model, meta = load_model(path)
+        probs = predict_cells(model, meta, crops, index, int(cfg["cell_model"]["predict_batch_size"]))
+        confs[name] = combine(img, aligned_cell_probs(table, probs, str(path)), p["combine"], p["negative"], quality)
+
+    labels = gtmod.read_cell_labels(data, "test")
+    ids = list(dict.fromkeys(table["ID"]))
+    gt = {i: (gtmod.read_gt_mask(data, i), labels.get(i, {})) for i in labels}
+    masks = {i: read_mask(wrun / "masks" / "test" / f"{i}_cellmask.png") for i in ids}
+    groups, cell_ids = table.groupby("ID", sort=False).indices, table["cell_id"].to_numpy()
+    cache: dict = {}
+    images = {k: cell_images(gt, {i: (masks[i], cell_ids[groups[i]], c[groups[i]]) for i in ids}, cache)
+              for k, c in confs.items()}
+    boot = bootstrap_maps(gt, images, args.bootstrap) if args.bootstrap > 0 else {}
+    first = next(iter(models))
+    print(f"{'model':12s} {'mAP':>7s} {'95% CI':>15s}   gain over {first} [95% CI], share of resamples")
+    for k, ims in images.items():
+        m = score_images(gt, ims).map
+        line = f"{k:12s} {m:7.4f}"
+        if boot:
+            lo, hi = np.percentile(boot[k], [2.5, 97.5])
+            line += f" {lo:7.4f}-{hi:.4f}"
+            if k not in ("broadcast", first):
+                d = boot[k] - boot[first]
+                line += (f"   {m - score_images(gt, images[first]).map:+.4f} "
+                         f"[{np.percentile(d, 2.5):+.4f}, {np.percentile(d, 97.5):+.4f}], {100 * (d > 0).mean():.0f}%")
+        print(line)
+    aps = {k: score_images(gt, ims).ap_per_class for k, ims in images.items()}
+    print(f"\nAP per class\n{'class':36s} " + " ".join(f"{k[:10]:>10s}" for k in aps))
+    for c, name in enumerate(CLASS_NAMES):
+        print(f"{c:2d} {name[:33]:33s} " + " ".join(f"{a[c]:10.3f}" for a in aps.values()))
+
+
+if __name__ == "__main__":
+    main()
