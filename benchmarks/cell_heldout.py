@@ -125,21 +125,21 @@ def main(argv=None):
     cache: dict = {}
     images = {k: cell_images(gt, {i: (masks[i], cell_ids[groups[i]], c[groups[i]]) for i in ids}, cache)
               for k, c in confs.items()}
+    scores = {k: score_images(gt, ims) for k, ims in images.items()}
     boot = bootstrap_maps(gt, images, args.bootstrap) if args.bootstrap > 0 else {}
     first = next(iter(models))
     print(f"{'model':12s} {'mAP':>7s} {'95% CI':>15s}   gain over {first} [95% CI], share of resamples")
-    for k, ims in images.items():
-        m = score_images(gt, ims).map
-        line = f"{k:12s} {m:7.4f}"
+    for k, res in scores.items():
+        line = f"{k:12s} {res.map:7.4f}"
         if boot:
             lo, hi = np.percentile(boot[k], [2.5, 97.5])
             line += f" {lo:7.4f}-{hi:.4f}"
             if k not in ("broadcast", first):
                 d = boot[k] - boot[first]
-                line += (f"   {m - score_images(gt, images[first]).map:+.4f} "
+                line += (f"   {res.map - scores[first].map:+.4f} "
                          f"[{np.percentile(d, 2.5):+.4f}, {np.percentile(d, 97.5):+.4f}], {100 * (d > 0).mean():.0f}%")
         print(line)
-    aps = {k: score_images(gt, ims).ap_per_class for k, ims in images.items()}
+    aps = {k: res.ap_per_class for k, res in scores.items()}
     print(f"\nAP per class\n{'class':36s} " + " ".join(f"{k[:10]:>10s}" for k in aps))
     for c, name in enumerate(CLASS_NAMES):
         print(f"{c:2d} {name[:33]:33s} " + " ".join(f"{a[c]:10.3f}" for a in aps.values()))
