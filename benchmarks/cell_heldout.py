@@ -36,14 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from hpa import gt as gtmod  # noqa: E402
 from hpa.cell_model import predict_cells, split_cache  # noqa: E402
 from hpa.cells import IMG_COLS  # noqa: E402
 from hpa.constants import CLASS_NAMES  # noqa: E402
 from hpa.config import load_run_config, save_config  # noqa: E402
-from hpa.io import read_mask  # noqa: E402
+from hpa.evaluate import score_methods, step_gains  # noqa: E402
 from hpa.labelling import cell_table  # noqa: E402
-from hpa.metric import bootstrap_maps, cell_images, score_images  # noqa: E402
 from hpa.predict import aligned_cell_probs, combine, quality_factor  # noqa: E402
 from hpa.synth import generate_dataset  # noqa: E402
 from hpa.train import load_model  # noqa: E402
@@ -117,29 +115,20 @@ def main(argv=None):
         probs = predict_cells(model, meta, crops, index, int(cfg["cell_model"]["predict_batch_size"]))
         confs[name] = combine(img, aligned_cell_probs(table, probs, str(path)), p["combine"], p["negative"], quality)
 
-    labels = gtmod.read_cell_labels(data, "test")
-    ids = list(dict.fromkeys(table["ID"]))
-    gt = {i: (gtmod.read_gt_mask(data, i), labels.get(i, {})) for i in labels}
-    masks = {i: read_mask(wrun / "masks" / "test" / f"{i}_cellmask.png") for i in ids}
-    groups, cell_ids = table.groupby("ID", sort=False).indices, table["cell_id"].to_numpy()
-    cache: dict = {}
-    images = {k: cell_images(gt, {i: (masks[i], cell_ids[groups[i]], c[groups[i]]) for i in ids}, cache)
-              for k, c in confs.items()}
-    scores = {k: score_images(gt, ims) for k, ims in images.items()}
-    boot = bootstrap_maps(gt, images, args.bootstrap) if args.bootstrap > 0 else {}
+    res = score_methods(wrun, data, table, confs, n_boot=args.bootstrap)  # the report's scorer, on the work run
     first = next(iter(models))
+    gains = {g["to"]: g for g in step_gains(res, [(first, k) for k in models if k != first])}
     print(f"{'model':12s} {'mAP':>7s} {'95% CI':>15s}   gain over {first} [95% CI], share of resamples")
-    for k, res in scores.items():
-        line = f"{k:12s} {res.map:7.4f}"
-        if boot:
-            lo, hi = np.percentile(boot[k], [2.5, 97.5])
+    for k, v in res.items():
+        line = f"{k:12s} {v['mAP']:7.4f}"
+        if "bootstrap" in v:
+            lo, hi = np.percentile(v["bootstrap"], [2.5, 97.5])
             line += f" {lo:7.4f}-{hi:.4f}"
-            if k not in ("broadcast", first):
-                d = boot[k] - boot[first]
-                line += (f"   {res.map - scores[first].map:+.4f} "
-                         f"[{np.percentile(d, 2.5):+.4f}, {np.percentile(d, 97.5):+.4f}], {100 * (d > 0).mean():.0f}%")
+        if k in gains:
+            g = gains[k]
+            line += f"   {g['gain']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}], {100 * g['p_better']:.0f}%"
         print(line)
-    aps = {k: res.ap_per_class for k, res in scores.items()}
+    aps = {k: [np.nan if a is None else a for a in v["ap_per_class"]] for k, v in res.items()}
     print(f"\nAP per class\n{'class':36s} " + " ".join(f"{k[:10]:>10s}" for k in aps))
     for c, name in enumerate(CLASS_NAMES):
         print(f"{c:2d} {name[:33]:33s} " + " ".join(f"{a[c]:10.3f}" for a in aps.values()))

@@ -193,14 +193,15 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
         out["weight"] = np.where(filled, fill_w, 1.0).astype(np.float32)
         if "labels" in out.columns:
             out.loc[filled, "labels"] = full[filled].astype(str)
-        report["filled"] = {"weight": fill_w, **coverage(np.where(filled, full, -1))}
+        filled_only = np.where(filled, full, -1)
+        report["filled"] = {"weight": fill_w, **coverage(filled_only)}
     if gtmod.has_gt(data_dir):
         truth = true_label_sets(run, data_dir, table)
         report["vs_ground_truth"] = diagnostics(label, truth, sets)
         log.info("cycle %d pseudo-labels: %.1f%% of cells labelled, precision %.3f against ground truth", cycle,
                  100 * report["coverage"]["labelled"], report["vs_ground_truth"]["overall_precision"])
         if filled.any():
-            report["filled"]["vs_ground_truth"] = diagnostics(np.where(filled, out["label"].to_numpy(), -1), truth)
+            report["filled"]["vs_ground_truth"] = diagnostics(filled_only, truth)
             log.info("cycle %d: %d left-out cells filled from the cell model at weight %.2f, precision %.3f", cycle,
                      int(filled.sum()), fill_w, report["filled"]["vs_ground_truth"]["overall_precision"])
     out = out[out["label"] >= 0].reset_index(drop=True)
