@@ -35,13 +35,12 @@ import torch
 from tqdm import tqdm
 
 from .cam import check_method, head_bias, image_cams, load_cam, save_cam
-from .constants import NUM_CLASSES
+from .constants import NUM_CLASSES, PROB_COLS
 from .fsutil import select_shard, write_csv, write_json, write_text
 from .io import InputError, list_split, usable_images
 
 log = logging.getLogger(__name__)
 
-PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
 def cams_dir(run: str | os.PathLike, split: str) -> Path:

@@ -34,14 +34,12 @@ from torch import nn
 
 from . import gt as gtmod
 from .cell_crops import build_crop_cache
-from .constants import IOU_THRESHOLD, NUM_CLASSES
+from .constants import IOU_THRESHOLD, NUM_CLASSES, PROB_COLS, TARGET_COLS
 from .fsutil import write_parquet
 from .io import InputError, read_mask
 
 log = logging.getLogger(__name__)
 
-TARGET_COLS = [f"t{c}" for c in range(NUM_CLASSES)]
-PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
 # --------------------------------------------------------------------------- labels
@@ -66,7 +64,10 @@ def read_pseudo_labels(path: str | os.PathLike) -> pd.DataFrame:
     """Stage 04's ``pseudo_labels.parquet`` (ID, cell_id, label 0..18, weight) as cell labels.
 
     Returns ``ID, cell_id, weight, t0..t18``: one-hot targets, or uniform over the classes of an
-    optional ``labels`` column (``"3|7"``, starting with ``label``). ``weight`` defaults to 1.
+    optional ``labels`` column (``"3|7"``, starting with ``label``). Rows of optional ``t0..t18``
+    columns that are not all NaN are probability targets taken as they are (non-negative, summing
+    to 1; stage 04 writes them for cycle 2's filled cells with ``pseudo.cycle2_fill_targets=soft``).
+    ``weight`` defaults to 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,7 +91,15 @@ def read_pseudo_labels(path: str | os.PathLike) -> pd.DataFrame:
             raise InputError(f"{path}: column 'labels' must list classes 0..{NUM_CLASSES - 1} starting with 'label'")
     else:
         sets = [[int(c)] for c in labels]
-    return _labels_frame(df["ID"].astype(str), df["cell_id"], sets, weight)
+    out = _labels_frame(df["ID"].astype(str), df["cell_id"], sets, weight)
+    if set(TARGET_COLS) <= set(df.columns):
+        given = df[TARGET_COLS].to_numpy(np.float64)
+        rows = ~np.isnan(given).all(1)
+        t = given[rows]
+        if np.isnan(t).any() or (t < 0).any() or not np.allclose(t.sum(1), 1.0, atol=1e-3):
+            raise InputError(f"{path}: soft targets t0..t{NUM_CLASSES - 1} must be non-negative and sum to 1 per cell")
+        out.loc[rows, TARGET_COLS] = (t / t.sum(1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def oracle_cell_labels(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, ids: Sequence[str],

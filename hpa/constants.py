@@ -35,3 +35,8 @@ IOU_THRESHOLD = 0.6
 
 #: File extensions accepted for channel images, in the order they are looked for.
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+#: Column names of per-class tables: probabilities ``p0..p18`` (image and cell models) and
+#: training targets ``t0..t18`` (cell labels).
+PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
+TARGET_COLS = [f"t{c}" for c in range(NUM_CLASSES)]

@@ -17,15 +17,14 @@ import pandas as pd
 
 from . import gt as gtmod
 from .cells import build_cell_table
-from .constants import NEGATIVE, NUM_CLASSES
+from .constants import NEGATIVE, NUM_CLASSES, PROB_COLS, TARGET_COLS
 from .fsutil import select_shard, shard_path, shard_sets, write_json, write_parquet
 from .io import InputError, list_split, read_mask
 from .pseudo import (assign_labels, cam_evidence, cell_model_evidence, class_thresholds, coverage, diagnostics,
-                     fill_labels, label_sets, mixed_evidence)
+                     fill_labels, fill_targets, label_sets, mixed_evidence)
 
 log = logging.getLogger(__name__)
 
-PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
 def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)) -> Path:
@@ -193,6 +192,13 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
         out["weight"] = np.where(filled, fill_w, 1.0).astype(np.float32)
         if "labels" in out.columns:
             out.loc[filled, "labels"] = full[filled].astype(str)
+        kind = p.get("cycle2_fill_targets", "hard")
+        if kind not in ("hard", "soft"):
+            raise ValueError(f"pseudo.cycle2_fill_targets must be hard or soft, got {kind!r}")
+        if kind == "soft":  # the cell model's probabilities over the allowed classes, not its top class
+            soft = np.full((len(out), NUM_CLASSES), np.nan, np.float32)
+            soft[filled] = fill_targets(raw[filled], img_labels[filled])
+            out[TARGET_COLS] = soft
         filled_only = np.where(filled, full, -1)
         report["filled"] = {"weight": fill_w, **coverage(filled_only)}
     if gtmod.has_gt(data_dir):

@@ -26,11 +26,10 @@ import numpy as np
 import pandas as pd
 
 from .cells import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS, VIEW_COLS
-from .constants import NEGATIVE, NUM_CLASSES
+from .constants import NEGATIVE, NUM_CLASSES, PROB_COLS
 
 COMBINE = ("product", "mean", "cell", "image")
 NEGATIVE_RULES = ("max", "min_complement", "cell")
-PROB_COLS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
 def quality_factor(rel_area: np.ndarray, touches_border: np.ndarray) -> np.ndarray:

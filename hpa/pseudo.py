@@ -194,6 +194,20 @@ def fill_labels(label: np.ndarray, cell_probs: np.ndarray, image_labels: np.ndar
     return np.where(label < 0, best, label).astype(np.int64)
 
 
+def fill_targets(cell_probs: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
+    """Soft targets float32 (N, 19) for filled cells: the cell model's softmax over the image's
+    classes and Negative, renormalised to sum to 1 (the soft counterpart of :func:`fill_labels`)."""
+    p = np.asarray(cell_probs, np.float64)
+    allowed = np.asarray(image_labels).astype(bool).copy()
+    if p.shape != allowed.shape:
+        raise ValueError(f"cell probabilities {p.shape} and image labels {allowed.shape} disagree")
+    allowed[:, NEGATIVE] = True
+    t = np.where(allowed, np.clip(p, 0, None), 0.0)
+    s = t.sum(1, keepdims=True)
+    t = np.where(s > 0, t / np.maximum(s, 1e-12), allowed / allowed.sum(1, keepdims=True))
+    return t.astype(np.float32)
+
+
 def coverage(labels: np.ndarray) -> dict:
     """Share of cells labelled, and the count per class."""
     labels = np.asarray(labels)

@@ -255,3 +255,22 @@ def test_read_pseudo_labels_multi_class(tmp_path):
     pd.DataFrame({"ID": ["a"], "cell_id": [1], "label": [4], "labels": ["7|4"]}).to_parquet(path)
     with pytest.raises(InputError, match="starting with 'label'"):
         cm.read_pseudo_labels(path)
+
+
+def test_read_pseudo_labels_soft_targets(tmp_path):
+    path = tmp_path / "pseudo_labels.parquet"
+    df = pd.DataFrame({"ID": ["a", "b"], "cell_id": [1, 2], "label": [4, 7], "labels": ["4|5", "7"]})
+    t = np.full((2, 19), np.nan)
+    t[1] = 0.0
+    t[1, 7], t[1, 18] = 0.75, 0.25  # a filled cell: the cell model's probabilities as they are
+    df[cm.TARGET_COLS] = t
+    df.to_parquet(path)
+    out = cm.read_pseudo_labels(path)
+    assert out.loc[0, "t4"] == out.loc[0, "t5"] == 0.5  # all-NaN row: the label set, as before
+    assert out.loc[1, "t7"] == pytest.approx(0.75) and out.loc[1, "t18"] == pytest.approx(0.25)
+    assert out[cm.TARGET_COLS].to_numpy().sum(1) == pytest.approx([1.0, 1.0])
+    t[1, 18] = 0.5  # sums to 1.25
+    df[cm.TARGET_COLS] = t
+    df.to_parquet(path)
+    with pytest.raises(InputError, match="sum to 1"):
+        cm.read_pseudo_labels(path)

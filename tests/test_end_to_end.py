@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -33,10 +34,17 @@ def test_quick_profile_end_to_end(tmp_path):
     assert [(s["from"], s["to"]) for s in report["steps"]][:4] == [("broadcast", "cam"), ("cam", "cycle1"),
                                                                    ("cycle1", "cycle2"), ("cycle2", "oracle")]
     assert "Does each step add?" in (run / "report.md").read_text()
-    # cycle 2 labels every training cell: the rule's labels at weight 1, the cells it left out at the fill weight
+    # cycle 2 labels every training cell: the rule's labels, and the cells it left out with soft targets (the
+    # cycle-1 model's probabilities over their image's classes and Negative)
     cells, pl2 = pd.read_parquet(run / "cells" / "train.parquet"), pd.read_parquet(run / "cycle2" / "pseudo_labels.parquet")
     pr2 = json.loads((run / "cycle2" / "pseudo_report.json").read_text())
-    assert len(pl2) == len(cells) and (pl2["weight"] == 0.5).sum() == sum(pr2["filled"]["per_class"])
+    soft = pl2[pl2["t0"].notna()]
+    assert len(pl2) == len(cells) and len(soft) == sum(pr2["filled"]["per_class"])
+    labels = pd.read_csv(data / "train.csv").set_index("ID")["Label"].astype(str).str.split("|")
+    for _, row in soft.iterrows():
+        t = row[[f"t{c}" for c in range(19)]].to_numpy(float)
+        assert t.sum() == pytest.approx(1.0, abs=1e-4)
+        assert set(map(int, labels[row["ID"]])) | {18} >= set(np.flatnonzero(t > 0).tolist())
     assert sum(pr2["filled"]["per_class"]) == round((1 - pr2["coverage"]["labelled"]) * len(cells))
     sub = pd.read_csv(run / "submission.csv")
     assert len(sub) == 8

@@ -5,7 +5,8 @@ import pytest
 
 from hpa.cells import cell_cam_scores, cell_geometry, image_cell_rows
 from hpa.constants import NEGATIVE, NUM_CLASSES
-from hpa.pseudo import assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels
+from hpa.pseudo import (assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels,
+                        fill_targets)
 
 
 def two_squares():
@@ -173,3 +174,15 @@ def test_fill_labels_gives_left_out_cells_the_best_allowed_class():
     assert fill_labels(label, p, img).tolist() == [3, 7, NEGATIVE, NEGATIVE, NEGATIVE]
     with pytest.raises(ValueError, match="disagree"):
         fill_labels(label[:3], p, img)
+
+
+def test_fill_targets_are_the_cell_models_probabilities_over_the_allowed_classes():
+    img = np.zeros((2, NUM_CLASSES))
+    img[:, [3, 7]] = 1
+    p = np.zeros((2, NUM_CLASSES), np.float32)
+    p[0, 3], p[0, 7], p[0, 12], p[0, NEGATIVE] = 0.3, 0.1, 0.5, 0.1  # 12 is not allowed: dropped
+    t = fill_targets(p, img)  # row 1: no allowed probability at all -> uniform over 3, 7, Negative
+    assert t[0, [3, 7, NEGATIVE]] == pytest.approx([0.6, 0.2, 0.2]) and t[0, 12] == 0
+    assert t[1, [3, 7, NEGATIVE]] == pytest.approx([1 / 3] * 3) and t.sum(1) == pytest.approx([1, 1])
+    with pytest.raises(ValueError, match="disagree"):
+        fill_targets(p[:1], img)
