@@ -184,7 +184,7 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
     fill_w = float(p.get("cycle2_fill_weight") or 0.0) if raw is not None else 0.0
     filled = np.zeros(len(label), bool)
-    if fill_w > 0:  # the cells the rule left out: the cell model's best allowed class, at a lower weight
+    if fill_w > 0:  # the cells the rule left out, filled from the cell model (soft or hard targets)
         full = fill_labels(label, raw, img_labels)
         filled = label < 0
         out["label"] = full
@@ -200,7 +200,7 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
             soft[filled] = fill_targets(raw[filled], img_labels[filled])
             out[TARGET_COLS] = soft
         filled_only = np.where(filled, full, -1)
-        report["filled"] = {"weight": fill_w, **coverage(filled_only)}
+        report["filled"] = {"weight": fill_w, "targets": kind, **coverage(filled_only)}
     if gtmod.has_gt(data_dir):
         truth = true_label_sets(run, data_dir, table)
         report["vs_ground_truth"] = diagnostics(label, truth, sets)

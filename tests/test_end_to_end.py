@@ -33,7 +33,8 @@ def test_quick_profile_end_to_end(tmp_path):
     assert all(0.0 <= v["mAP"] <= 1.0 and v["ci95"][0] <= v["ci95"][1] for v in report["methods"].values())
     assert [(s["from"], s["to"]) for s in report["steps"]][:4] == [("broadcast", "cam"), ("cam", "cycle1"),
                                                                    ("cycle1", "cycle2"), ("cycle2", "oracle")]
-    assert "Does each step add?" in (run / "report.md").read_text()
+    report_md = (run / "report.md").read_text()
+    assert "Does each step add?" in report_md and "learn the cycle-1 cell model's probabilities" in report_md
     # cycle 2 labels every training cell: the rule's labels, and the cells it left out with soft targets (the
     # cycle-1 model's probabilities over their image's classes and Negative)
     cells, pl2 = pd.read_parquet(run / "cells" / "train.parquet"), pd.read_parquet(run / "cycle2" / "pseudo_labels.parquet")
