@@ -42,7 +42,6 @@ from .io import InputError, list_split, usable_images
 log = logging.getLogger(__name__)
 
 
-
 def cams_dir(run: str | os.PathLike, split: str) -> Path:
     """``RUN/cams/{split}``."""
     return Path(run) / "cams" / split

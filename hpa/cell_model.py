@@ -41,7 +41,6 @@ from .io import InputError, read_mask
 log = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------- labels
 def soft_targets(classes: Sequence[Sequence[int]]) -> np.ndarray:
     """float32 ``(N, 19)``: row i spreads 1 uniformly over ``classes[i]`` (one class -> one-hot)."""

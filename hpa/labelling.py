@@ -26,7 +26,6 @@ from .pseudo import (assign_labels, cam_evidence, cell_model_evidence, class_thr
 log = logging.getLogger(__name__)
 
 
-
 def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)) -> Path:
     """``RUN/cells/{split}.parquet``, or ``RUN/cells/{split}.shard-i-of-N.parquet`` for shard i of N."""
     return shard_path(Path(run) / "cells" / f"{split}.parquet", shard)

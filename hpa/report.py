@@ -167,16 +167,13 @@ def render_markdown(r: dict) -> str:
             line += f", precision {pr['vs_ground_truth']['overall_precision']:.3f} against true cell labels"
         if pr.get("filled"):
             f = pr["filled"]
-            if f.get("targets") == "soft":
-                line += (f"; the other {100 * f['labelled']:.1f}% learn the cycle-1 cell model's probabilities over "
-                         f"their image's classes and Negative at weight {f['weight']:g}")
-                if "vs_ground_truth" in f:
-                    line += f" (its best allowed class right for {f['vs_ground_truth']['overall_precision']:.3f})"
-            else:
-                line += (f"; the other {100 * f['labelled']:.1f}% take the cycle-1 cell model's best allowed class at "
-                         f"weight {f['weight']:g}")
-                if "vs_ground_truth" in f:
-                    line += f" (precision {f['vs_ground_truth']['overall_precision']:.3f})"
+            soft = f.get("targets") == "soft"
+            what = ("learn the cycle-1 cell model's probabilities over their image's classes and Negative" if soft
+                    else "take the cycle-1 cell model's best allowed class")
+            line += f"; the other {100 * f['labelled']:.1f}% {what} at weight {f['weight']:g}"
+            if "vs_ground_truth" in f:
+                line += (f" ({'its best allowed class right for' if soft else 'precision'} "
+                         f"{f['vs_ground_truth']['overall_precision']:.3f})")
         lines += (["", "## Pseudo-labels", ""] if k == 1 or "pseudo_cycle1" not in r else []) + [line]
     lines += _problem_lines(r.get("input_problems") or {})
     if r.get("timings_s"):
