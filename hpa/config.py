@@ -101,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
         "multi_label": True,  # positive cells also take the other image classes they pass (soft, uniform targets)
         "cycle2_pos_quantile": 0.3,  # cycle 2's pos_quantile (0: label every cell that passes pos_min; docs/pseudo_labels.md)
         "cycle2_evidence": "membership",  # membership: (1 - P_neg) x P_c / max P | softmax: P as it is (hpa.pseudo)
+        "cycle2_secondary_rel": 0.0,  # cycle 2: a positive cell also takes each image class whose evidence is >= this x its label's (0: off)
         "cycle2_fill_weight": 1.0,  # cycle 2: cells the rule leaves out are filled from the cell model at this sampling weight (0: left out)
         "cycle2_fill_targets": "soft",  # filled cells learn: soft (the cell model's probabilities over the image's classes and Negative) | hard (its best allowed class)
     },

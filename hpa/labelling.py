@@ -178,7 +178,8 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dic
     sets = None
     if p.get("multi_label", False):  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.pseudo.label_sets)
         also = None if probs is None else (ev, class_thresholds(ev, p["pos_quantile"], p["pos_min"]))
-        sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also)
+        rel = float(p.get("cycle2_secondary_rel") or 0.0) if probs is not None else 0.0
+        sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also, rel)
         out["labels"] = ["|".join(map(str, c)) for c in sets]
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
     fill_w = float(p.get("cycle2_fill_weight") or 0.0) if raw is not None else 0.0

@@ -149,7 +149,7 @@ def assign_labels(evidence: np.ndarray, negative_image: np.ndarray, pos_quantile
 
 
 def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
-               also: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[int]]:
+               also: tuple[np.ndarray, np.ndarray] | None = None, relative: float = 0.0) -> list[list[int]]:
     """Every class a positive cell passes: ``[label] + [c != label with E_c >= t_c]`` per cell.
 
     Cells left out (-1) or Negative (18) keep their single label. Used for soft multi-class
@@ -160,8 +160,14 @@ def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
     single labels, gives a cell's second class little probability, so the mixed evidence alone
     would drop secondary classes cycle 1 had found (on the default benchmark, most cells
     showing nucleoplasm and nucleoli lost their nucleoli label in cycle 2).
+    ``relative`` > 0: a class also joins when its evidence is at least this fraction of the
+    evidence for the cell's label (``pseudo.cycle2_secondary_rel``).
     """
     passes = (evidence >= thresholds[None, :]) & (evidence > 0)
+    if relative > 0:
+        lab = np.clip(np.asarray(label), 0, evidence.shape[1] - 1)
+        best = evidence[np.arange(len(lab)), lab] if len(lab) else np.zeros(0, np.float32)
+        passes |= (evidence >= relative * best[:, None]) & (evidence > 0)
     if also is not None:
         ev2, thr2 = also
         passes |= (ev2 >= thr2[None, :]) & (ev2 > 0)

@@ -120,6 +120,9 @@ def test_label_sets_add_passing_classes_to_positives_only():
     ev[1, 5] = 0.05  # Negative: stays single
     thr = np.full(NUM_CLASSES, 0.5, np.float32)
     assert label_sets(ev, np.array([2, NEGATIVE, -1]), thr) == [[2, 5], [NEGATIVE], [-1]]
+    # relative: 9 joins when its evidence is at least 0.2 x the label's (0.2 >= 0.2 x 0.9); Negative stays single
+    assert label_sets(ev, np.array([2, NEGATIVE, -1]), thr, relative=0.2) == [[2, 5, 9], [NEGATIVE], [-1]]
+    assert label_sets(ev, np.array([2, NEGATIVE, -1]), thr, relative=0.25) == [[2, 5], [NEGATIVE], [-1]]
 
 
 def test_membership_evidence_counts_a_cells_second_class_fully():
