@@ -180,22 +180,30 @@ def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
     return sets
 
 
+def _fill_allowed(cell_probs: np.ndarray, image_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, allowed)``: the cell model's softmax and the classes a filled cell may take (its image's and Negative)."""
+    p = np.asarray(cell_probs, np.float32)
+    allowed = np.asarray(image_labels).astype(bool).copy()
+    if p.shape != allowed.shape:
+        raise ValueError(f"cell probabilities {p.shape} and image labels {allowed.shape} disagree")
+    allowed[:, NEGATIVE] = True
+    return p, allowed
+
+
 def fill_labels(label: np.ndarray, cell_probs: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
     """Cycle 2's labels for the cells the rule left out (-1): the cell model's best allowed class.
 
     ``cell_probs``: (N, 19) softmax of the previous cycle's cell model; ``image_labels``:
     (N, 19) 0/1 labels of each cell's image. A left-out cell takes the most probable class
     among its image's classes and Negative; labelled cells keep theirs. These are the cells no
-    rule is sure of: stage 04 gives them a lower weight (``pseudo.cycle2_fill_weight``), so
-    they are drawn less often, and keeps them out of the coverage figures. Without them the
-    hard cells are never seen by any cycle's cell model (docs/pseudo_labels.md).
+    rule is sure of: stage 04 draws them at ``pseudo.cycle2_fill_weight`` and keeps them out of
+    the coverage figures. Without them the hard cells are never seen by any cycle's cell model
+    (docs/pseudo_labels.md).
     """
     label = np.asarray(label)
-    p = np.asarray(cell_probs, np.float32)
-    allowed = np.asarray(image_labels).astype(bool).copy()
-    if p.shape != allowed.shape or p.shape[:1] != label.shape:
+    p, allowed = _fill_allowed(cell_probs, image_labels)
+    if p.shape[:1] != label.shape:
         raise ValueError(f"labels {label.shape}, cell probabilities {p.shape} and image labels {allowed.shape} disagree")
-    allowed[:, NEGATIVE] = True
     best = np.where(allowed, p, -1.0).argmax(1) if len(p) else np.zeros(0, np.int64)
     return np.where(label < 0, best, label).astype(np.int64)
 
@@ -203,12 +211,8 @@ def fill_labels(label: np.ndarray, cell_probs: np.ndarray, image_labels: np.ndar
 def fill_targets(cell_probs: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
     """Soft targets float32 (N, 19) for filled cells: the cell model's softmax over the image's
     classes and Negative, renormalised to sum to 1 (the soft counterpart of :func:`fill_labels`)."""
-    p = np.asarray(cell_probs, np.float64)
-    allowed = np.asarray(image_labels).astype(bool).copy()
-    if p.shape != allowed.shape:
-        raise ValueError(f"cell probabilities {p.shape} and image labels {allowed.shape} disagree")
-    allowed[:, NEGATIVE] = True
-    t = np.where(allowed, np.clip(p, 0, None), 0.0)
+    p, allowed = _fill_allowed(cell_probs, image_labels)
+    t = np.where(allowed, np.clip(p.astype(np.float64), 0, None), 0.0)
     s = t.sum(1, keepdims=True)
     t = np.where(s > 0, t / np.maximum(s, 1e-12), allowed / allowed.sum(1, keepdims=True))
     return t.astype(np.float32)
