@@ -32,6 +32,11 @@ COMBINED = {"cell": "", "product": " x image probability", "mean": ", mean with 
             "image": " (image probability only)"}
 
 
+#: Parts of the report (and stages) that need the true cell labels of ``DATA/gt/``.
+NEEDS_GT = ("cell-level mAP of every method", "oracle cell model (stage 05 --oracle)",
+            "segmentation match rate", "pseudo-label precision against true cell labels")
+
+
 def describe(method: str, combine: str | None = None) -> str:
     """One-line description of a report row; cell-model rows say how they were combined."""
     text = DESCRIPTIONS.get(method, "")
@@ -54,6 +59,7 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
     if not gtmod.has_gt(data_dir):
         log.warning("%s has no gt/: nothing to score; the report lists timings and pseudo-label coverage only", data_dir)
         report["scored"] = False
+        report["not_run"] = {what: f"{data_dir / 'gt' / 'cell_labels.csv'} not found" for what in NEEDS_GT}
         return report
     sc = cfg["pseudo"]
     table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], view=bool(sc.get("cell_view", True)))
@@ -149,6 +155,9 @@ def render_markdown(r: dict) -> str:
             if all(v is None for v in vals):
                 continue
             lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    if r.get("not_run"):
+        lines += ["", "## Not run (no ground truth)", ""]
+        lines += [f"- {what}: {why}" for what, why in r["not_run"].items()]
     if r.get("ablations"):
         lines += ["", "## Combination rule (submitted cell model)", "", "| variant | mAP |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(r["ablations"].items(), key=lambda kv: -kv[1])]

@@ -67,3 +67,34 @@ def test_quick_profile_end_to_end(tmp_path):
             if ln.split() and ln.split()[0] in ("broadcast", "cycle1", "cycle2", "oracle")}
     assert set(rows) == {"broadcast", "cycle1", "cycle2", "oracle"} and all(0 <= v <= 1 for v in rows.values())
     assert (run / "heldout_seed9" / "run" / "masks" / "test" / "cells.csv").is_file()
+
+
+@pytest.mark.slow
+def test_quick_profile_without_ground_truth(tmp_path):
+    """A folder like a user's (no gt/): every stage that needs no truth runs and the submission is complete."""
+    import shutil
+
+    from hpa.io import read_mask
+    from hpa.submission import read_submission
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    env = dict(os.environ, HPA_VENV=str(Path(sys.executable).resolve().parents[1]))
+    subprocess.run([sys.executable, "-m", "hpa.synth", str(data), "--n-train", "24", "--n-test", "6", "--size", "128",
+                    "--seed", "1"], cwd=ROOT, check=True, env=env)
+    shutil.rmtree(data / "gt")
+    proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "oracle skipped" in proc.stdout and not (run / "oracle").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert report["scored"] is False and "oracle cell model (stage 05 --oracle)" in report["not_run"]
+    assert "## Not run (no ground truth)" in (run / "report.md").read_text()
+    sub = read_submission(run / "submission.csv")
+    test_ids = pd.read_csv(data / "test.csv")["ID"].astype(str).tolist()
+    assert list(sub) == test_ids
+    for image_id in test_ids:  # every segmented cell is predicted, for every class
+        mask = read_mask(run / "masks" / "test" / f"{image_id}_cellmask.png")
+        n_cells = len(np.unique(mask[mask > 0]))
+        s = sub[image_id]
+        assert (s.width, s.height) == (mask.shape[1], mask.shape[0])
+        assert s.n_masks == n_cells and s.n_predictions == 19 * n_cells
