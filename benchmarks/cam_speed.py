@@ -2,10 +2,10 @@
 """CAMs of all 19 classes for a batch: our one-pass ``cam`` against grad-cam's GradCAM per class.
 
 For each input size, side by side in one process on the same random model and batch:
-  cam          hpa.cam.compute_cams(model, x): one forward pass gives all 19 maps
+  cam          hpa.cam.methods.compute_cams(model, x): one forward pass gives all 19 maps
   grad-cam     pytorch_grad_cam.GradCAM on the backbone, called once per class with one
                ClassifierOutputTarget per image (19 forward + 19 backward passes), as users do
-  hpa-gradcam  hpa.cam.compute_cams(model, x, "gradcam"): grad-cam's weights without its
+  hpa-gradcam  hpa.cam.methods.compute_cams(model, x, "gradcam"): grad-cam's weights without its
                normalisation, one forward pass + 19 backward passes through the head only
 The last line is the speed-up of cam over grad-cam summed over the sizes: ``speedup=NN.Nx``.
     python benchmarks/cam_speed.py [--arch efficientnet-b0] [--batch 4] [--sizes 256 512]
@@ -13,18 +13,14 @@ The last line is the speed-up of cam over grad-cam summed over the sizes: ``spee
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.cam import cam_target_layer, compute_cams  # noqa: E402
-from hpa.constants import NUM_CLASSES  # noqa: E402
-from hpa.models import build_model  # noqa: E402
+from hpa.cam.methods import cam_target_layer, compute_cams
+from hpa.constants import NUM_CLASSES
+from hpa.models.factory import build_model
 
 
 def _timed(fn, repeats):

@@ -31,20 +31,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from hpa.cells.combine import aligned_cell_probs, combine, quality_factor
+from hpa.cells.table import IMG_COLS
+from hpa.config import load_run_config, save_config
+from hpa.constants import CLASS_NAMES
+from hpa.engine.checkpoint import load_model
+from hpa.eval.benchmark import score_methods, step_gains
+from hpa.pipeline.cell_model import predict_cells, split_cache
+from hpa.pipeline.pseudo_labels import cell_table
+from hpa.synth.generate import generate_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from hpa.cell_model import predict_cells, split_cache  # noqa: E402
-from hpa.cells import IMG_COLS  # noqa: E402
-from hpa.constants import CLASS_NAMES  # noqa: E402
-from hpa.config import load_run_config, save_config  # noqa: E402
-from hpa.evaluate import score_methods, step_gains  # noqa: E402
-from hpa.labelling import cell_table  # noqa: E402
-from hpa.predict import aligned_cell_probs, combine, quality_factor  # noqa: E402
-from hpa.synth import generate_dataset  # noqa: E402
-from hpa.train import load_model  # noqa: E402
 
 
 def parse_models(run: Path, items: list[str] | None) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cell-level mAP of the combination rules on the validation fold's training images.
 
-The test split decides nothing: this scores the rules of :func:`hpa.predict.combine` on the
+The test split decides nothing: this scores the rules of :func:`hpa.cells.combine.combine` on the
 cells of the image model's validation fold (``RUN/splits.csv``), which neither the image model
 nor the cell models trained on (the cell models validate on them), against the synthetic
 ground truth of those training images (``DATA/gt``; a diagnostic, as in stage 04's report).
@@ -18,18 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from hpa import gt as gtmod  # noqa: E402
-from hpa.cells import IMG_COLS  # noqa: E402
-from hpa.config import load_run_config  # noqa: E402
-from hpa.io import read_mask  # noqa: E402
-from hpa.metric import cell_images, score_images  # noqa: E402
-from hpa.predict import aligned_cell_probs, combine, quality_factor  # noqa: E402
+from hpa.cells.combine import aligned_cell_probs, combine, quality_factor
+from hpa.cells.table import IMG_COLS
+from hpa.config import load_run_config
+from hpa.eval import gt as gtmod
+from hpa.eval.metric import cell_images, score_images
+from hpa.io.fields import read_mask
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ resolution of the run's own data, and scores the image model on it twice, side b
 - ``whole``: every field in one forward pass (the model's global average pooling over the
   whole field);
 - ``tiles``: overlapping tiles of the training crop size, mean tile probability
-  (:mod:`hpa.tiling`), what stages 01 (validation) and 02 use for a crop-trained model.
+  (:mod:`hpa.engine.tiling`), what stages 01 (validation) and 02 use for a crop-trained model.
 
     python benchmarks/image_heldout.py --run runs/default [--n 600] [--seed 7] [--size 256] [--keep DIR]
 
@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from hpa.constants import CLASS_NAMES  # noqa: E402
-from hpa.data import build_field_cache  # noqa: E402
-from hpa.io import list_split  # noqa: E402
-from hpa.synth import generate_dataset  # noqa: E402
-from hpa.train import load_model, predict  # noqa: E402
+from hpa.constants import CLASS_NAMES
+from hpa.data.cache import build_field_cache
+from hpa.engine.checkpoint import load_model
+from hpa.engine.inference import predict
+from hpa.io.layout import list_split
+from hpa.synth.generate import generate_dataset
 
 
 def per_class_ap(y: np.ndarray, p: np.ndarray) -> dict[int, float]:

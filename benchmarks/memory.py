@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 REAL = ROOT.parent / "shared" / "data" / "hpa_real"
 CHANNELS = ("red", "green", "blue", "yellow")
@@ -95,9 +94,9 @@ def make_image_model(run: Path) -> None:
 
     from hpa.config import load_run_config
     from hpa.constants import CLASS_NAMES
-    from hpa.image_model import image_model_dir
-    from hpa.models import build_model
-    from hpa.train import save_checkpoint
+    from hpa.engine.checkpoint import save_checkpoint
+    from hpa.models.factory import build_model
+    from hpa.pipeline.image_model import image_model_dir
 
     c = load_run_config(run)["image_model"]
     torch.manual_seed(0)
@@ -111,7 +110,8 @@ def make_image_model(run: Path) -> None:
 
 def fake_cell_probs(run: Path, data: Path) -> None:
     """``RUN/cycle1/cell_probs_test.parquet``: random softmax rows for every cell of the test masks."""
-    from hpa.io import list_split, read_mask
+    from hpa.io.fields import read_mask
+    from hpa.io.layout import list_split
 
     ids, _ = list_split(data, "test")
     rows = []

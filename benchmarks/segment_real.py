@@ -4,7 +4,7 @@ Also on a synthetic set with ``--synthetic`` (``python -m hpa.synth`` output: it
 split against ``gt/``). Reads ``DATA/images/{ID}_{red,green,blue,yellow}.png`` and the reference cell masks
 ``DATA/masks/{ID}_predictedmask.png`` (default DATA: ../shared/data/hpa_real beside
 the repository), segments each field, matches cells one-to-one at IoU >= 0.6
-(:func:`hpa.matching.match_cells`) and prints, per field and pooled, the share of
+(:func:`hpa.eval.matching.match_cells`) and prints, per field and pooled, the share of
 reference cells matched (recall) and of predicted cells unmatched.
 
     python benchmarks/segment_real.py [--data DIR] [--segmenter classical] [--overlays /tmp/seg]
@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.io import list_split, read_field, read_mask  # noqa: E402
-from hpa.matching import match_cells  # noqa: E402
-from hpa.segment import get_segmenter  # noqa: E402
+from hpa.eval.matching import match_cells
+from hpa.io.fields import read_field, read_mask
+from hpa.io.layout import list_split
+from hpa.segment import get_segmenter
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 
@@ -72,7 +71,7 @@ def draw_overlay(path: Path, field, cells, ref, nuclei, match, size: int) -> Non
     import cv2
     from skimage.segmentation import find_boundaries
 
-    from hpa.io import resize_field, rgb_composite, write_png
+    from hpa.io.fields import resize_field, rgb_composite, write_png
 
     H, W = cells.shape
     s = size / max(H, W)

@@ -18,22 +18,20 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import resource
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import cv2
+import numpy as np
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.io import read_field, resize_field, write_field, write_mask  # noqa: E402
-from hpa.segment import get_segmenter  # noqa: E402
+from hpa.io.fields import read_field, resize_field, write_field, write_mask
+from hpa.segment import get_segmenter
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 REAL_ID = "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0"  # the densest of the five (46 reference cells)
@@ -43,7 +41,7 @@ def source_field() -> tuple[np.ndarray, str]:
     """A (4, S, S) uint8 field to resize to every size, and where it came from."""
     if (REAL / "images" / f"{REAL_ID}_red.png").is_file():
         return read_field(REAL / "images", REAL_ID), f"real HPA field {REAL_ID[:8]} (2048 px) resized"
-    from hpa.synth import make_field
+    from hpa.synth.generate import make_field
 
     return make_field(np.random.default_rng(0), size=512).field, "synthetic 512-px field (hpa.synth) resized"
 

@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from hpa.data.augment import BatchAugment
+from hpa.data.cache import FieldDataset, build_field_cache
+from hpa.engine.amp import amp_dtype, prepare_batch
+from hpa.io.fields import read_field, resize_field, to_uint8
+from hpa.models.factory import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hpa.augment import BatchAugment  # noqa: E402
-from hpa.data import FieldDataset, build_field_cache  # noqa: E402
-from hpa.io import read_field, resize_field, to_uint8  # noqa: E402
-from hpa.models import build_model  # noqa: E402
-from hpa.train import amp_dtype, prepare_batch  # noqa: E402
 
 
 class PngDataset(torch.utils.data.Dataset):
@@ -117,7 +115,7 @@ def _sync(device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="efficientnet-b0", help="model name (hpa.models.available_models())")
+    ap.add_argument("--arch", default="efficientnet-b0", help="model name (hpa.models.factory.available_models())")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="input sizes in pixels")
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="timed training/inference steps per setting")
@@ -140,7 +138,7 @@ def main(argv=None):
         ids = sorted(p.name[: -len("_red.png")] for p in folder.glob("*_red.png"))
         sources.append(("real HPA" if not args.images else str(folder), folder, ids))
     if args.synth:
-        from hpa.synth import generate_dataset
+        from hpa.synth.generate import generate_dataset
 
         out = Path(tmp.name) / "synth"
         generate_dataset(out, args.synth, 0, size=args.synth_size, seed=0)

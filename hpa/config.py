@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .fsutil import write_text
+from hpa.utils.fs import write_text
 
 #: Every setting of the pipeline, with a comment each. Sections belong to stages.
 DEFAULTS: dict[str, Any] = {
@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "on_bad_image": "error",  # error: stop before long work | skip: record the image in RUN/skipped.csv and go on
     # ---------------------------------------------------------------- stage 01
     "image_model": {  # defaults = the `default` profile: ~7 min on 2 CPU cores (docs/training.md)
-        "arch": "efficientnet-b0",  # backbone by name, see hpa.models.available_models()
+        "arch": "efficientnet-b0",  # backbone by name, see hpa.models.factory.available_models()
         "pretrained": None,  # local path to an ImageNet state dict (3-channel); never downloaded
         "image_size": 128,  # fields are resized to this square size (cached as uint8); validation and CAMs use it
         "train_crop": 64,  # training crops of this side in pixels, cut from the cached fields (null: whole fields)
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     },
     # ---------------------------------------------------------------- stage 02
     "cam": {
-        "method": "cam",  # cam (exact, one pass for all classes) | gradcam | gradcam++ | xgradcam | ... (hpa.cam.METHODS)
+        "method": "cam",  # cam (exact, one pass for all classes) | gradcam | gradcam++ | xgradcam | ... (hpa.cam.methods.METHODS)
         "batch_size": 16,  # images per forward pass
         "tta_flip": False,  # average CAMs (and logits) over the field, its horizontal and its vertical flip
         "test_prob_floor": 0.0,  # test split: store CAMs of classes with probability >= floor (0: all 19); train: labels

@@ -17,16 +17,13 @@ meaning in hpa/config.py; override any of them as key=value, e.g. image_model.ep
 import argparse
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run  # noqa: E402
-from hpa.image_model import image_model_dir, train_image_model  # noqa: E402
-from hpa.io import InputError  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.timing import stage_timer  # noqa: E402
-from hpa.train import init_distributed, is_main_process  # noqa: E402
+from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.engine.distributed import init_distributed, is_main_process
+from hpa.io.errors import InputError
+from hpa.pipeline.image_model import image_model_dir, train_image_model
+from hpa.utils.log import setup_logging
+from hpa.utils.timing import stage_timer
 
 
 def main(argv=None):

@@ -15,17 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.cam import available_methods  # noqa: E402
-from hpa.cam_run import compute_split_cams, draw_split_overlays, file_sha1, write_overlay_index  # noqa: E402
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run  # noqa: E402
-from hpa.fsutil import parse_shard  # noqa: E402
-from hpa.image_model import image_model_dir  # noqa: E402
-from hpa.io import InputError  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.timing import stage_timer  # noqa: E402
-from hpa.train import load_model  # noqa: E402
+from hpa.cam.methods import available_methods
+from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.engine.checkpoint import load_model
+from hpa.io.errors import InputError
+from hpa.pipeline.cams import compute_split_cams, draw_split_overlays, file_sha1, write_overlay_index
+from hpa.pipeline.image_model import image_model_dir
+from hpa.utils.log import setup_logging
+from hpa.utils.shards import parse_shard
+from hpa.utils.timing import stage_timer
 
 
 def main(argv=None):

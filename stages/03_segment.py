@@ -13,15 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.config import ConfigError, add_common_args, setup_run  # noqa: E402
-from hpa.fsutil import parse_shard  # noqa: E402
-from hpa.io import InputError, list_split  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.segment import available_segmenters  # noqa: E402
-from hpa.segment.run import merge_tables, segment_split, segmenter_settings  # noqa: E402
-from hpa.timing import stage_timer  # noqa: E402
+from hpa.config import ConfigError, add_common_args, setup_run
+from hpa.io.errors import InputError
+from hpa.io.layout import list_split
+from hpa.pipeline.segmentation import merge_tables, segment_split, segmenter_settings
+from hpa.segment import available_segmenters
+from hpa.utils.log import setup_logging
+from hpa.utils.shards import parse_shard
+from hpa.utils.timing import stage_timer
 
 
 def main(argv=None):

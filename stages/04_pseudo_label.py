@@ -14,16 +14,13 @@ a complete set of shard tables itself, or from --merge N:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.config import add_common_args, setup_run  # noqa: E402
-from hpa.fsutil import parse_shard  # noqa: E402
-from hpa.labelling import build_cell_table_shard, make_pseudo_labels, merge_cell_tables  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.timing import stage_timer  # noqa: E402
+from hpa.config import add_common_args, setup_run
+from hpa.pipeline.pseudo_labels import build_cell_table_shard, make_pseudo_labels, merge_cell_tables
+from hpa.utils.log import setup_logging
+from hpa.utils.shards import parse_shard
+from hpa.utils.timing import stage_timer
 
 
 def main(argv=None):

@@ -20,15 +20,13 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.cell_model import outputs, train_cell_stage  # noqa: E402
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run  # noqa: E402
-from hpa.gt import has_gt  # noqa: E402
-from hpa.io import InputError  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.timing import stage_timer  # noqa: E402
-from hpa.train import init_distributed, is_main_process  # noqa: E402
+from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.engine.distributed import init_distributed, is_main_process
+from hpa.eval.gt import has_gt
+from hpa.io.errors import InputError
+from hpa.pipeline.cell_model import outputs, train_cell_stage
+from hpa.utils.log import setup_logging
+from hpa.utils.timing import stage_timer
 
 
 def main(argv=None):

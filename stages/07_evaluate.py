@@ -8,14 +8,12 @@ timings only. Writes RUN/report.json, RUN/report.md, RUN/report_ap.png.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpa.config import add_common_args, setup_run  # noqa: E402
-from hpa.log import setup_logging  # noqa: E402
-from hpa.report import build_report, summary_table, write_report  # noqa: E402
+from hpa.config import add_common_args, setup_run
+from hpa.eval.report import summary_table
+from hpa.pipeline.evaluate import build_report, write_report
+from hpa.utils.log import setup_logging
 
 
 def main(argv=None):

@@ -6,16 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_fields import make_tiny_dataset, tiny_field
 from torch import nn
 
-from hpa.cam import (available_methods, check_method, compute_cams, head_bias, image_cams, load_cam, normalize_cams,
-                     save_cam, select_classes, upsample_cam)
-from hpa.cam_run import compute_split_cams, merge_split
+from hpa.cam.maps import load_cam, normalize_cams, save_cam, upsample_cam
+from hpa.cam.methods import available_methods, check_method, compute_cams, head_bias, image_cams, select_classes
 from hpa.constants import NUM_CLASSES
-from hpa.io import InputError, resize_field, write_field
-from hpa.models import HPANet, build_model
-
-from tiny_fields import make_tiny_dataset, tiny_field
+from hpa.io.errors import InputError
+from hpa.io.fields import resize_field, write_field
+from hpa.models.factory import HPANet, build_model
+from hpa.pipeline.cams import compute_split_cams, merge_split
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import hpa.cell_crops as cc
-from hpa.cells import cell_geometry
-from hpa.io import read_field, read_mask, write_field, write_mask
+from hpa.cells.crops import INDEX_COLS, _crop_job, build_crop_cache, crop_cell, crop_window
+from hpa.cells.table import cell_geometry
+from hpa.io.fields import read_field, read_mask, write_field, write_mask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -19,11 +19,11 @@ def ramp_field(h=64, w=64, dtype=np.uint8):
 
 
 def test_crop_window_is_square_centred_with_margin():
-    assert cc.crop_window(10, 20, 30, 30, 0.0) == (10, 15, 20)
-    assert cc.crop_window(10, 20, 30, 30, 0.1) == (8, 13, 24)
-    assert cc.crop_window(0, 0, 10, 10, 0.5) == (-5, -5, 20)
+    assert crop_window(10, 20, 30, 30, 0.0) == (10, 15, 20)
+    assert crop_window(10, 20, 30, 30, 0.1) == (8, 13, 24)
+    assert crop_window(0, 0, 10, 10, 0.5) == (-5, -5, 20)
     with pytest.raises(ValueError, match="empty bounding box"):
-        cc.crop_window(5, 5, 5, 9, 0.1)
+        crop_window(5, 5, 5, 9, 0.1)
 
 
 @pytest.mark.parametrize("outside", ["zero", "dim", "keep"])
@@ -32,7 +32,7 @@ def test_crop_of_known_cell_exact(outside):
     mask = np.zeros((64, 64), np.int32)
     mask[20:30, 10:30] = 3  # a 20 x 10 rectangle
     mask[22:26, 14:18] = 0  # a hole: outside the cell
-    crop = cc.crop_cell(field, mask, 3, (10, 20, 30, 30), crop_size=20, margin=0.0, outside=outside, dim_factor=0.25)
+    crop = crop_cell(field, mask, 3, (10, 20, 30, 30), crop_size=20, margin=0.0, outside=outside, dim_factor=0.25)
     assert crop.dtype == np.uint8 and crop.shape == (4, 20, 20)
     win = field[:, 15:35, 10:30]
     inside = mask[15:35, 10:30] == 3
@@ -46,13 +46,13 @@ def test_border_cell_is_padded_with_zeros_not_shifted():
     field = ramp_field() + 1  # no zero pixels in the field
     mask = np.zeros((64, 64), np.int32)
     mask[0:10, 0:10] = 1
-    crop = cc.crop_cell(field, mask, 1, (0, 0, 10, 10), crop_size=20, margin=0.5, outside="keep")
+    crop = crop_cell(field, mask, 1, (0, 0, 10, 10), crop_size=20, margin=0.5, outside="keep")
     assert np.all(crop[:, :5, :] == 0) and np.all(crop[:, :, :5] == 0)  # window rows/cols -5..-1
     assert np.array_equal(crop[:, 5:, 5:], field[:, 0:15, 0:15])  # the cell stays centred
     # the far side of the field: window 59..79 clipped at 64
     mask2 = np.zeros((64, 64), np.int32)
     mask2[54:64, 54:64] = 2
-    crop2 = cc.crop_cell(field, mask2, 2, (54, 54, 64, 64), 20, 0.5, "keep")
+    crop2 = crop_cell(field, mask2, 2, (54, 54, 64, 64), 20, 0.5, "keep")
     assert np.array_equal(crop2[:, :15, :15], field[:, 49:64, 49:64]) and np.all(crop2[:, 15:, :] == 0)
 
 
@@ -62,19 +62,19 @@ def test_resize_uses_area_average_and_uint16_is_reduced_to_8_bit():
     field[:, 20:30, 20:30] = 100 * 256
     mask = np.zeros((64, 64), np.int32)
     mask[20:40, 20:40] = 1
-    crop = cc.crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=10, margin=0.0, outside="zero")
+    crop = crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=10, margin=0.0, outside="zero")
     assert crop.shape == (4, 10, 10)
     assert np.all(crop[:, :5, :5] == 100) and np.all(crop[:, 5:, 5:] == 200)  # 2x2 blocks average exactly
-    up = cc.crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=40, margin=0.0, outside="zero")
+    up = crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=40, margin=0.0, outside="zero")
     assert up.shape == (4, 40, 40) and up[0, 0, 0] == 100 and up[0, -1, -1] == 200
 
 
 def test_crop_rejects_bad_settings():
     field, mask = ramp_field(), np.ones((64, 64), np.int32)
     with pytest.raises(ValueError, match="valid: zero, dim, keep"):
-        cc.crop_cell(field, mask, 1, (0, 0, 64, 64), 16, outside="blur")
+        crop_cell(field, mask, 1, (0, 0, 64, 64), 16, outside="blur")
     with pytest.raises(ValueError, match="same size"):
-        cc.crop_cell(field, mask[:32], 1, (0, 0, 32, 32), 16)
+        crop_cell(field, mask[:32], 1, (0, 0, 32, 32), 16)
 
 
 def make_dataset(tmp_path, n_images=3):
@@ -94,8 +94,8 @@ def make_dataset(tmp_path, n_images=3):
 def test_cache_index_order_and_crops(tmp_path):
     data, masks, ids = make_dataset(tmp_path)
     order = ids[::-1]  # the index follows the given order, cells by id
-    crops, index = cc.build_crop_cache(data, masks, "train", order, 16, 0.1, "dim", 0.25, tmp_path / "cache")
-    assert list(index.columns) == cc.INDEX_COLS
+    crops, index = build_crop_cache(data, masks, "train", order, 16, 0.1, "dim", 0.25, tmp_path / "cache")
+    assert list(index.columns) == INDEX_COLS
     assert list(index["ID"]) == ["img2"] * 3 + ["img1"] * 2 + ["img0"]
     assert list(index["cell_id"]) == [1, 2, 3, 1, 2, 1] and list(index["row"]) == list(range(6))
     assert crops.shape == (6, 4, 16, 16) and crops.dtype == np.uint8 and isinstance(crops, np.memmap)
@@ -104,7 +104,7 @@ def test_cache_index_order_and_crops(tmp_path):
         field, mask = read_field(data / "train", r.ID), read_mask(masks / f"{r.ID}_cellmask.png")
         geo = cell_geometry(mask).set_index("cell_id").loc[r.cell_id]
         assert (r.x0, r.y0, r.x1, r.y1, r.area) == (geo.x0, geo.y0, geo.x1, geo.y1, geo.area)
-        assert np.array_equal(crops[r.row], cc.crop_cell(field, mask, r.cell_id, (r.x0, r.y0, r.x1, r.y1), 16, 0.1, "dim", 0.25))
+        assert np.array_equal(crops[r.row], crop_cell(field, mask, r.cell_id, (r.x0, r.y0, r.x1, r.y1), 16, 0.1, "dim", 0.25))
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert files == ["train_16.json", "train_16.npy", "train_16.parquet"]
 
@@ -112,8 +112,8 @@ def test_cache_index_order_and_crops(tmp_path):
 def test_cache_resumes_after_interruption_and_rebuilds_on_new_settings(tmp_path, monkeypatch):
     data, masks, ids = make_dataset(tmp_path)
     out = tmp_path / "cache"
-    ref, ref_index = cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, tmp_path / "ref")
-    real_job, calls = cc._crop_job, []
+    ref, ref_index = build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, tmp_path / "ref")
+    real_job, calls = _crop_job, []
 
     def failing_job(args):
         if args[2] == "img1":
@@ -121,9 +121,9 @@ def test_cache_resumes_after_interruption_and_rebuilds_on_new_settings(tmp_path,
         calls.append(args[2])
         return real_job(args)
 
-    monkeypatch.setattr(cc, "_crop_job", failing_job)
+    monkeypatch.setattr("hpa.cells.crops._crop_job", failing_job)
     with pytest.raises(KeyboardInterrupt):
-        cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
+        build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
     assert calls == ["img0"] and not (out / "train_16.npy").exists() and not (out / "train_16.parquet").exists()
     calls.clear()
 
@@ -131,30 +131,30 @@ def test_cache_resumes_after_interruption_and_rebuilds_on_new_settings(tmp_path,
         calls.append(args[2])
         return real_job(args)
 
-    monkeypatch.setattr(cc, "_crop_job", counting_job)
-    crops, index = cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
+    monkeypatch.setattr("hpa.cells.crops._crop_job", counting_job)
+    crops, index = build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
     assert calls == ["img1", "img2"]  # img0 was not read again
     assert np.array_equal(np.asarray(crops), np.asarray(ref)) and index.equals(ref_index)
     calls.clear()
-    cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
+    build_crop_cache(data, masks, "train", ids, 16, 0.1, "zero", 0.25, out)
     assert calls == []  # complete: reused
-    crops2, _ = cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "keep", 0.25, out)
+    crops2, _ = build_crop_cache(data, masks, "train", ids, 16, 0.1, "keep", 0.25, out)
     assert calls == ids and not np.array_equal(np.asarray(crops2), np.asarray(ref))  # other settings: rebuilt
 
 
 def test_cache_with_worker_processes_equals_in_process(tmp_path):
     data, masks, ids = make_dataset(tmp_path)
-    a, ia = cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, tmp_path / "a", workers=0)
-    b, ib = cc.build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, tmp_path / "b", workers=2)
+    a, ia = build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, tmp_path / "a", workers=0)
+    b, ib = build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, tmp_path / "b", workers=2)
     assert np.array_equal(np.asarray(a), np.asarray(b)) and ia.equals(ib)
 
 
 def test_cache_checks_masks_and_ids(tmp_path):
     data, masks, ids = make_dataset(tmp_path, 1)
     with pytest.raises(FileNotFoundError, match="no cell mask"):
-        cc.build_crop_cache(data, masks, "train", ids + ["nope"], 16, 0.1, "dim", 0.25, tmp_path / "c")
+        build_crop_cache(data, masks, "train", ids + ["nope"], 16, 0.1, "dim", 0.25, tmp_path / "c")
     with pytest.raises(ValueError, match="duplicate"):
-        cc.build_crop_cache(data, masks, "train", ids + ids, 16, 0.1, "dim", 0.25, tmp_path / "c")
+        build_crop_cache(data, masks, "train", ids + ids, 16, 0.1, "dim", 0.25, tmp_path / "c")
 
 
 @pytest.mark.skipif(not (SHARED / "hpa_real" / "masks").is_dir(), reason="real HPA data not present")
@@ -167,12 +167,12 @@ def test_real_full_resolution_field(tmp_path):
     (tmp_path / "data" / "train").symlink_to(real / "images")
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / f"{image_id}_cellmask.png").symlink_to(mask_file)
-    crops, index = cc.build_crop_cache(tmp_path / "data", tmp_path / "masks", "train", [image_id], 32, 0.1, "zero",
+    crops, index = build_crop_cache(tmp_path / "data", tmp_path / "masks", "train", [image_id], 32, 0.1, "zero",
                                        0.25, tmp_path / "cache")
     mask = read_mask(mask_file)
     assert max(mask.shape) >= 2048
     assert len(index) == len(np.unique(mask)) - 1 and crops.shape == (len(index), 4, 32, 32)
     big = index.sort_values("area").iloc[-1]
     field = read_field(real / "images", image_id)
-    expect = cc.crop_cell(field, mask, int(big.cell_id), (big.x0, big.y0, big.x1, big.y1), 32, 0.1, "zero")
+    expect = crop_cell(field, mask, int(big.cell_id), (big.x0, big.y0, big.x1, big.y1), 32, 0.1, "zero")
     assert np.array_equal(crops[int(big.row)], expect) and crops[int(big.row)].max() > 0

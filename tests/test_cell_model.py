@@ -7,14 +7,23 @@ import pandas as pd
 import pytest
 import torch
 
-import hpa.cell_model as cm
-from hpa.cell_crops import build_crop_cache
+from hpa.cells.crops import build_crop_cache
+from hpa.cells.targets import (
+    attach_targets,
+    balanced_sample_weights,
+    oracle_cell_labels,
+    read_pseudo_labels,
+    soft_targets,
+)
 from hpa.config import build_config, save_config
-from hpa.constants import CLASS_NAMES
-from hpa.data import FieldDataset
-from hpa.io import InputError, write_field, write_mask
-from hpa.models import build_model
-from hpa.train import fit, load_model, save_checkpoint
+from hpa.constants import CLASS_NAMES, PROB_COLS, TARGET_COLS
+from hpa.data.cache import FieldDataset
+from hpa.engine.checkpoint import load_model, save_checkpoint
+from hpa.engine.trainer import fit
+from hpa.io.errors import InputError
+from hpa.io.fields import write_field, write_mask
+from hpa.models.factory import build_model, cell_model_from_image_model, model_output_stride
+from hpa.pipeline.cell_model import train_cell_stage
 
 
 @pytest.fixture(autouse=True)
@@ -27,27 +36,27 @@ def one_thread():
 
 
 def test_soft_targets_uniform_over_classes():
-    t = cm.soft_targets([[3], [0, 5], [18], [2, 1, 7]])
+    t = soft_targets([[3], [0, 5], [18], [2, 1, 7]])
     assert t.shape == (4, 19) and t.dtype == np.float32
     np.testing.assert_allclose(t.sum(1), 1.0)
     assert t[0, 3] == 1.0 and t[1, 0] == t[1, 5] == 0.5 and t[2, 18] == 1.0
     np.testing.assert_allclose(t[3, [1, 2, 7]], 1 / 3)
     with pytest.raises(ValueError, match="non-empty subset"):
-        cm.soft_targets([[19]])
+        soft_targets([[19]])
 
 
 def test_read_pseudo_labels(tmp_path):
     path = tmp_path / "pseudo_labels.parquet"
     pd.DataFrame({"ID": ["a", "a", "b"], "cell_id": [1, 3, 2], "label": [4, 18, 0]}).to_parquet(path)
-    df = cm.read_pseudo_labels(path)
-    assert list(df.columns) == ["ID", "cell_id", "weight"] + cm.TARGET_COLS
+    df = read_pseudo_labels(path)
+    assert list(df.columns) == ["ID", "cell_id", "weight"] + TARGET_COLS
     assert list(df["weight"]) == [1.0, 1.0, 1.0]
-    assert df.loc[0, "t4"] == 1.0 and df.loc[1, "t18"] == 1.0 and df[cm.TARGET_COLS].to_numpy().sum() == 3
+    assert df.loc[0, "t4"] == 1.0 and df.loc[1, "t18"] == 1.0 and df[TARGET_COLS].to_numpy().sum() == 3
     pd.DataFrame({"ID": ["a"], "cell_id": [1], "label": [19], "weight": [1.0]}).to_parquet(path)
     with pytest.raises(InputError, match="outside 0..18"):
-        cm.read_pseudo_labels(path)
+        read_pseudo_labels(path)
     with pytest.raises(InputError, match="run stage 04"):
-        cm.read_pseudo_labels(tmp_path / "nope.parquet")
+        read_pseudo_labels(tmp_path / "nope.parquet")
 
 
 def test_oracle_labels_transfer_by_iou_matching(tmp_path):
@@ -63,26 +72,26 @@ def test_oracle_labels_transfer_by_iou_matching(tmp_path):
     write_mask(masks / "img_cellmask.png", pred)
     pd.DataFrame({"ID": ["img", "img", "other"], "cell_id": [1, 2, 1], "Label": ["0|5", "3", "7"],
                   "split": ["train", "train", "test"]}).to_csv(data / "gt" / "cell_labels.csv", index=False)
-    df = cm.oracle_cell_labels(data, masks, ["img"])
+    df = oracle_cell_labels(data, masks, ["img"])
     assert list(df["ID"]) == ["img"] and list(df["cell_id"]) == [1]
-    assert df.loc[0, "t0"] == 0.5 and df.loc[0, "t5"] == 0.5 and df[cm.TARGET_COLS].to_numpy().sum() == 1.0
+    assert df.loc[0, "t0"] == 0.5 and df.loc[0, "t5"] == 0.5 and df[TARGET_COLS].to_numpy().sum() == 1.0
 
 
 def test_attach_targets_and_balanced_weights():
     index = pd.DataFrame({"ID": ["a", "a", "b", "b"], "cell_id": [1, 2, 1, 2], "row": [0, 1, 2, 3]})
     labels = pd.concat([pd.DataFrame({"ID": ["b", "a", "b"], "cell_id": [2, 1, 1], "weight": [1.0, 0.5, 1.0]}),
-                        pd.DataFrame(cm.soft_targets([[0], [0], [18]]), columns=cm.TARGET_COLS)], axis=1)
-    rows, t, w = cm.attach_targets(index, labels)
+                        pd.DataFrame(soft_targets([[0], [0], [18]]), columns=TARGET_COLS)], axis=1)
+    rows, t, w = attach_targets(index, labels)
     assert list(rows) == [0, 2, 3] and list(w) == [0.5, 1.0, 1.0]
     assert t[0, 0] == 1 and t[1, 18] == 1 and t[2, 0] == 1
     # class 0 has 2 cells, class 18 one: 1/count weights then times the label weight, mean 1
-    bw = cm.balanced_sample_weights(t, w, power=1.0)
+    bw = balanced_sample_weights(t, w, power=1.0)
     raw = np.array([0.5 * 0.5, 1.0, 0.5])
     np.testing.assert_allclose(bw, raw / raw.mean())
-    np.testing.assert_allclose(cm.balanced_sample_weights(t, None, power=0.0), 1.0)
+    np.testing.assert_allclose(balanced_sample_weights(t, None, power=0.0), 1.0)
     bad = labels.assign(cell_id=[9, 1, 1])
     with pytest.raises(InputError, match="not in the crop cache"):
-        cm.attach_targets(index, bad)
+        attach_targets(index, bad)
 
 
 def tiny_cache(tmp_path, n_images=2, crop_size=32):
@@ -100,23 +109,23 @@ def tiny_cache(tmp_path, n_images=2, crop_size=32):
 def test_init_from_image_model_copies_backbone_and_replaces_head():
     torch.manual_seed(3)
     image_model = build_model("resnet18", num_classes=19, dropout=0.3, output_stride=16)
-    model = cm.cell_model_from_image_model(image_model, crop_size=32)
+    model = cell_model_from_image_model(image_model, crop_size=32)
     src, dst = image_model.backbone.state_dict(), model.backbone.state_dict()
     assert src.keys() == dst.keys() and all(torch.equal(src[k], dst[k]) for k in src)
     assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 19
     assert not torch.equal(model.head.weight, image_model.head.weight)
-    assert cm.model_output_stride(model) == 16 and model.dropout.p == pytest.approx(0.3)
+    assert model_output_stride(model) == 16 and model.dropout.p == pytest.approx(0.3)
     assert model(torch.zeros(2, 4, 32, 32)).shape == (2, 19)
     # efficientnet: static padding rebuilt for the crop size, same tensors
     eff = build_model("efficientnet-b0", image_size=128, output_stride=32)
-    cell = cm.cell_model_from_image_model(eff, crop_size=32)
+    cell = cell_model_from_image_model(eff, crop_size=32)
     assert all(torch.equal(v, cell.backbone.state_dict()[k]) for k, v in eff.backbone.state_dict().items())
-    assert cm.model_output_stride(cell) == 32
+    assert model_output_stride(cell) == 32
 
 
 def test_field_dataset_serves_crops_and_soft_targets(tmp_path):
     crops, index = tiny_cache(tmp_path)
-    t = cm.soft_targets([[1], [2, 3]] * 3)
+    t = soft_targets([[1], [2, 3]] * 3)
     ds = FieldDataset(tmp_path / "cache" / "train_32.npy", index["row"].to_numpy()[::-1], t)
     x, y = ds[0]
     assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), crops[5]) and y[1] == 1.0
@@ -130,10 +139,10 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     x = np.asarray(crops).copy()
     x[labels == 0, 1] = np.clip(x[labels == 0, 1].astype(int) + 120, 0, 255)  # class 0: bright green
     np.save(tmp_path / "train.npy", x)
-    t = cm.soft_targets([[c] for c in labels])
-    w = cm.balanced_sample_weights(t, None, 0.5)
+    t = soft_targets([[c] for c in labels])
+    w = balanced_sample_weights(t, None, 0.5)
     torch.manual_seed(0)
-    model = cm.cell_model_from_image_model(build_model("resnet18", output_stride=32), 32, dropout=0.0)
+    model = cell_model_from_image_model(build_model("resnet18", output_stride=32), 32, dropout=0.0)
     hist = fit(model, FieldDataset(tmp_path / "train.npy", np.arange(len(x)), t), None, tmp_path / "m",
                task="multiclass", loss="ce", label_smoothing=0.1, epochs=6, batch_size=4, lr=1e-3, warmup_epochs=0,
                sample_weights=w, samples_per_epoch=24, mean=[0.3] * 4, std=[0.3] * 4, progress=False)
@@ -188,7 +197,7 @@ def make_run(tmp_path, n_train=6, n_test=2):
 
 def test_cell_stage_trains_and_predicts_every_cell(tmp_path, capsys):
     run, cfg, image_model = make_run(tmp_path)
-    written = cm.train_cell_stage(run, cfg, cycle=1, progress=False)
+    written = train_cell_stage(run, cfg, cycle=1, progress=False)
     d = run / "cycle1"
     assert written == {"model": d / "cell_model" / "model.pt", "probs_train": d / "cell_probs_train.parquet",
                        "probs_test": d / "cell_probs_test.parquet"}
@@ -203,13 +212,13 @@ def test_cell_stage_trains_and_predicts_every_cell(tmp_path, capsys):
     assert meta["mean"] == [0.2, 0.3, 0.2, 0.25] and meta["output_stride"] == 32
     for split, n in (("train", 6), ("test", 2)):
         probs = pd.read_parquet(d / f"cell_probs_{split}.parquet")
-        assert list(probs.columns) == ["ID", "cell_id"] + cm.PROB_COLS
+        assert list(probs.columns) == ["ID", "cell_id"] + PROB_COLS
         assert len(probs) == 3 * n and not probs.duplicated(["ID", "cell_id"]).any()  # every cell, once
         assert set(probs["ID"]) == {f"{split}{k}" for k in range(n)} and set(probs["cell_id"]) == {1, 2, 3}
-        np.testing.assert_allclose(probs[cm.PROB_COLS].to_numpy().sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(probs[PROB_COLS].to_numpy().sum(1), 1.0, atol=1e-5)
     # a re-run reuses everything: no retraining, no re-prediction
     stamp = {p: p.stat().st_mtime_ns for p in written.values()}
-    cm.train_cell_stage(run, cfg, cycle=1, progress=False)
+    train_cell_stage(run, cfg, cycle=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in written.values()} == stamp
     # the stage script: finished outputs are skipped; --cycle or --oracle is required
     save_config(run, cfg)
@@ -236,7 +245,7 @@ def load_stage():
 
 def test_oracle_stage_uses_true_labels_and_predicts_test_only(tmp_path):
     run, cfg, _ = make_run(tmp_path, n_test=1)
-    written = cm.train_cell_stage(run, cfg, oracle=True, progress=False)
+    written = train_cell_stage(run, cfg, oracle=True, progress=False)
     assert set(written) == {"model", "probs_test"} and not (run / "oracle" / "cell_probs_train.parquet").exists()
     val = pd.read_csv(run / "oracle" / "cell_model" / "val_predictions.csv")
     assert len(val) == 6  # every cell of the 2 validation images matched its true cell
@@ -244,17 +253,17 @@ def test_oracle_stage_uses_true_labels_and_predicts_test_only(tmp_path):
     assert y.loc[1, "y4"].tolist() == [0.5, 0.5] and y.loc[1, "y16"].tolist() == [0.5, 0.5]  # soft target 4|16
     assert (y.loc[3, "y18"] == 1.0).all()
     probs = pd.read_parquet(written["probs_test"])
-    assert len(probs) == 3 and np.allclose(probs[cm.PROB_COLS].sum(axis=1), 1.0, atol=1e-5)
+    assert len(probs) == 3 and np.allclose(probs[PROB_COLS].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_read_pseudo_labels_multi_class(tmp_path):
     path = tmp_path / "pseudo_labels.parquet"
     pd.DataFrame({"ID": ["a", "b"], "cell_id": [1, 2], "label": [4, 18], "labels": ["4|7", "18"]}).to_parquet(path)
-    df = cm.read_pseudo_labels(path)
+    df = read_pseudo_labels(path)
     assert df.loc[0, "t4"] == df.loc[0, "t7"] == 0.5 and df.loc[1, "t18"] == 1.0
     pd.DataFrame({"ID": ["a"], "cell_id": [1], "label": [4], "labels": ["7|4"]}).to_parquet(path)
     with pytest.raises(InputError, match="starting with 'label'"):
-        cm.read_pseudo_labels(path)
+        read_pseudo_labels(path)
 
 
 def test_read_pseudo_labels_soft_targets(tmp_path):
@@ -263,14 +272,14 @@ def test_read_pseudo_labels_soft_targets(tmp_path):
     t = np.full((2, 19), np.nan)
     t[1] = 0.0
     t[1, 7], t[1, 18] = 0.75, 0.25  # a filled cell: the cell model's probabilities as they are
-    df[cm.TARGET_COLS] = t
+    df[TARGET_COLS] = t
     df.to_parquet(path)
-    out = cm.read_pseudo_labels(path)
+    out = read_pseudo_labels(path)
     assert out.loc[0, "t4"] == out.loc[0, "t5"] == 0.5  # all-NaN row: the label set, as before
     assert out.loc[1, "t7"] == pytest.approx(0.75) and out.loc[1, "t18"] == pytest.approx(0.25)
-    assert out[cm.TARGET_COLS].to_numpy().sum(1) == pytest.approx([1.0, 1.0])
+    assert out[TARGET_COLS].to_numpy().sum(1) == pytest.approx([1.0, 1.0])
     t[1, 18] = 0.5  # sums to 1.25
-    df[cm.TARGET_COLS] = t
+    df[TARGET_COLS] = t
     df.to_parquet(path)
     with pytest.raises(InputError, match="sum to 1"):
-        cm.read_pseudo_labels(path)
+        read_pseudo_labels(path)

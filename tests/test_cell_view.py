@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from hpa.cell_view import cell_windows, isolated_cell_probs, window_side
-from hpa.cells import VIEW_COLS, image_cell_rows
+from hpa.cells.pseudo_rules import cam_evidence
+from hpa.cells.table import VIEW_COLS, image_cell_rows
+from hpa.cells.view import cell_windows, isolated_cell_probs, window_side
 from hpa.constants import NUM_CLASSES
-from hpa.pseudo import cam_evidence
 
 
 def field_and_mask():
@@ -73,7 +73,7 @@ def test_isolated_probs_follow_each_cell_alone():
 
 
 def test_isolated_probs_real_model_shapes():
-    from hpa.models import build_model
+    from hpa.models.factory import build_model
 
     torch.manual_seed(0)
     model = build_model("efficientnet-b0", dropout=0.0, input_norm="per_image").eval()

@@ -3,7 +3,8 @@
 import pytest
 
 from hpa.config import ConfigError, build_config, load_run_config, parse_overrides, setup_run
-from hpa.fsutil import atomic_path, parse_shard, select_shard
+from hpa.utils.fs import atomic_path
+from hpa.utils.shards import parse_shard, select_shard
 
 
 def test_profiles_and_overrides():

@@ -8,13 +8,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import hpa.data as data
-from hpa.augment import BatchAugment
-from hpa.data import (FieldDataset, build_field_cache, cache_bad_ids, cache_path, channel_stats, load_or_make_splits,
-                      make_folds)
-from hpa.io import InputError, read_field, resize_field, to_uint8, write_field
 from tiny_fields import make_tiny_dataset
+
+from hpa.data.augment import BatchAugment
+from hpa.data.cache import (
+    FieldDataset,
+    _load_field,
+    build_field_cache,
+    cache_bad_ids,
+    cache_path,
+    channel_stats,
+    read_cache_rows,
+)
+from hpa.data.splits import load_or_make_splits, make_folds
+from hpa.io.errors import InputError
+from hpa.io.fields import read_field, resize_field, to_uint8, write_field
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,7 @@ def test_cache_holds_resized_uint8_fields_and_is_reused(tiny, tmp_path, monkeypa
     def no_decoding(args):
         raise AssertionError("a complete cache must not be decoded again")
 
-    monkeypatch.setattr(data, "_load_field", no_decoding)
+    monkeypatch.setattr("hpa.data.cache._load_field", no_decoding)
     assert np.array_equal(build_field_cache(tiny, "train", ids, 32, out), arr)
 
 
@@ -82,7 +90,7 @@ def test_cache_from_worker_processes_matches(tiny, tmp_path):
 def test_interrupted_cache_resumes_without_redecoding(tiny, tmp_path, monkeypatch):
     ids = [f"img{i:03d}" for i in range(12)]
     out = tmp_path / "c.npy"
-    real = data._load_field
+    real = _load_field
     calls = []
 
     def crash_at_eighth(args):
@@ -91,12 +99,12 @@ def test_interrupted_cache_resumes_without_redecoding(tiny, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(args)
 
-    monkeypatch.setattr(data, "_load_field", crash_at_eighth)
+    monkeypatch.setattr("hpa.data.cache._load_field", crash_at_eighth)
     with pytest.raises(KeyboardInterrupt):
         build_field_cache(tiny, "train", ids, 32, out, flush_every=2)
     assert not out.exists() and (tmp_path / "c.partial.npy").exists()
     calls.clear()
-    monkeypatch.setattr(data, "_load_field", lambda a: (calls.append(a[2]), real(a))[1])
+    monkeypatch.setattr("hpa.data.cache._load_field", lambda a: (calls.append(a[2]), real(a))[1])
     arr = build_field_cache(tiny, "train", ids, 32, out, flush_every=2)
     assert calls == ids[7:]  # the seven finished fields are not decoded again
     ref = build_field_cache(tiny, "train", ids, 32, tmp_path / "ref.npy")
@@ -136,18 +144,18 @@ def test_cache_rows_are_read_without_keeping_them_mapped(tmp_path):
     np.save(tmp_path / "c.npy", ref)
     cache = np.load(tmp_path / "c.npy", mmap_mode="r")
     rows = [5, 0, 47, 5]
-    assert np.array_equal(data.read_cache_rows(cache, rows), ref[rows])
-    assert np.array_equal(data.read_cache_rows(ref, rows), ref[rows])  # a plain array is indexed
+    assert np.array_equal(read_cache_rows(cache, rows), ref[rows])
+    assert np.array_equal(read_cache_rows(ref, rows), ref[rows])  # a plain array is indexed
     before = _rss_file_kib()
     for start in range(0, 48, 8):
-        data.read_cache_rows(cache, range(start, start + 8))
+        read_cache_rows(cache, range(start, start + 8))
     assert _rss_file_kib() - before < 4 * 1024  # indexing the map would keep ~12 MiB resident
     with pytest.raises(IndexError, match="rows \\[48\\]"):
-        data.read_cache_rows(cache, [1, 48])
+        read_cache_rows(cache, [1, 48])
     with open(tmp_path / "c.npy", "r+b") as f:
         f.truncate(cache.offset + 10 * ref[0].nbytes)
     with pytest.raises(InputError, match="ends inside row 12"):
-        data.read_cache_rows(cache, [12])
+        read_cache_rows(cache, [12])
 
 
 # --------------------------------------------------------------------------- stats and datasets

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_profile_end_to_end(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    env = dict(os.environ, HPA_VENV=str(Path(sys.executable).resolve().parents[1]))
+    env = dict(os.environ, HPA_VENV=sys.prefix)
     subprocess.run([sys.executable, "-m", "hpa.synth", str(data), "--n-train", "24", "--n-test", "8", "--size", "128",
                     "--seed", "0"], cwd=ROOT, check=True, env=env)
     proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
@@ -74,11 +74,11 @@ def test_quick_profile_without_ground_truth(tmp_path):
     """A folder like a user's (no gt/): every stage that needs no truth runs and the submission is complete."""
     import shutil
 
-    from hpa.io import read_mask
-    from hpa.submission import read_submission
+    from hpa.eval.submission import read_submission
+    from hpa.io.fields import read_mask
 
     data, run = tmp_path / "data", tmp_path / "run"
-    env = dict(os.environ, HPA_VENV=str(Path(sys.executable).resolve().parents[1]))
+    env = dict(os.environ, HPA_VENV=sys.prefix)
     subprocess.run([sys.executable, "-m", "hpa.synth", str(data), "--n-train", "24", "--n-test", "6", "--size", "128",
                     "--seed", "1"], cwd=ROOT, check=True, env=env)
     shutil.rmtree(data / "gt")

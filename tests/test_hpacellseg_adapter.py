@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage as ndi
-
-from hpa.matching import match_cells
-from hpa.segment import check_masks, get_segmenter
-from hpa.segment import hpacellseg_adapter as adapter
-
 from test_segment import draw_field, grid_centres  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from hpa.eval.matching import match_cells
+from hpa.segment import get_segmenter
+from hpa.segment import hpacellseg_adapter as adapter
+from hpa.segment.common import check_masks
 
 REF = 512  # reference field side of the stand-in's absolute thresholds (2048 in the real package)
 NUC_MIN = 2500 * (REF / 2048) ** 2

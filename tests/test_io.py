@@ -7,8 +7,18 @@ import pytest
 from PIL import Image
 
 from hpa.constants import CHANNELS, NUM_CLASSES
-from hpa.io import (InputError, check_images_exist, list_split, read_field, read_field_float, read_labels,
-                    read_mask, resize_field, rgb_composite, to_float, write_field, write_mask)
+from hpa.io.errors import InputError
+from hpa.io.fields import (
+    read_field,
+    read_field_float,
+    read_mask,
+    resize_field,
+    rgb_composite,
+    to_float,
+    write_field,
+    write_mask,
+)
+from hpa.io.layout import check_images_exist, list_split, read_labels
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 

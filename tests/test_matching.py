@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hpa.matching import iou_matrix, match_cells, match_from_iou
+from hpa.eval.matching import iou_matrix, match_cells, match_from_iou
 
 
 def test_iou_matrix_exact_and_both_paths_agree():

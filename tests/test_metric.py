@@ -1,4 +1,4 @@
-"""Cell-level mAP (hpa.metric) and the scoring CLI (hpa.score), with hand-computed answers."""
+"""Cell-level mAP (hpa.eval.metric) and the scoring CLI (hpa.score), with hand-computed answers."""
 
 import subprocess
 import sys
@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpa import metric
-from hpa.io import write_mask
-from hpa.metric import cell_map, submission_map
-from hpa.score import main as score_main
-from hpa.submission import read_submission, write_submission
+from hpa.eval import metric
+from hpa.eval.metric import cell_map, submission_map
+from hpa.eval.score import main as score_main
+from hpa.eval.submission import read_submission, write_submission
+from hpa.io.fields import write_mask
 
 NAN = np.nan
 
@@ -331,7 +331,7 @@ REAL_MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real
 
 @pytest.mark.skipif(not REAL_MASKS.is_dir(), reason="real HPA masks not available")
 def test_real_mask_ground_truth_scores_one_and_eroded_cells_miss(tmp_path):
-    from hpa.io import read_mask
+    from hpa.io.fields import read_mask
 
     g = read_mask(REAL_MASKS / "000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0_predictedmask.png")[:1024, :1536]  # keep it quick
     ids = [int(i) for i in np.unique(g) if i]
@@ -355,7 +355,7 @@ def test_real_mask_ground_truth_scores_one_and_eroded_cells_miss(tmp_path):
 
 
 def test_bootstrap_resamples_images_and_pairs_the_methods():
-    from hpa.metric import bootstrap_maps, cell_images, score_images
+    from hpa.eval.metric import bootstrap_maps, cell_images, score_images
 
     gt, pred = random_case(7, n_images=5)
     worse = {k: (m, ids, np.where(np.isnan(c), c, c[::-1])) for k, (m, ids, c) in pred.items()}  # confidences shuffled
@@ -378,7 +378,7 @@ def test_bootstrap_resamples_images_and_pairs_the_methods():
 
 
 def test_step_gains_from_paired_resamples():
-    from hpa.evaluate import step_gains
+    from hpa.eval.benchmark import step_gains
 
     methods = {"broadcast": {"mAP": 0.5, "bootstrap": [0.4, 0.5, 0.6, 0.5]},
                "cam": {"mAP": 0.6, "bootstrap": [0.5, 0.55, 0.65, 0.7]},

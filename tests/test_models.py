@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from hpa.models import adapt_first_conv_weight, available_models, build_model, first_conv, load_pretrained_backbone
+from hpa.models.factory import (
+    adapt_first_conv_weight,
+    available_models,
+    build_model,
+    first_conv,
+)
 
 
 def test_unknown_model_lists_the_valid_names():
@@ -80,7 +85,7 @@ def test_registry_lists_efficientnets_first():
 
 
 def test_zero_init_residual_makes_blocks_start_as_identity():
-    from hpa.models import zero_residual_bn
+    from hpa.models.factory import zero_residual_bn
 
     model = build_model("efficientnet-b0", image_size=64, zero_init_residual=True)
     skip = [b for b in model.backbone.net._blocks if b._block_args.id_skip

@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from hpa.cam import CamRecord, save_cam
-from hpa.cam_run import compute_split_cams, draw_split_overlays, overlays_dir, write_overlay_index
-from hpa.constants import NUM_CLASSES
-from hpa.io import write_field, write_mask
-from hpa.models import build_model
-from hpa.overlay import GalleryEntry, cell_outlines, panel_shape, render_overlay, write_gallery
-
 from tiny_fields import make_tiny_dataset, tiny_field
+
+from hpa.cam.maps import CamRecord, save_cam
+from hpa.cam.overlay import GalleryEntry, cell_outlines, panel_shape, render_overlay, write_gallery
+from hpa.constants import NUM_CLASSES
+from hpa.io.fields import write_field, write_mask
+from hpa.models.factory import build_model
+from hpa.pipeline.cams import compute_split_cams, draw_split_overlays, overlays_dir, write_overlay_index
 
 
 def _record(classes, h=3, w=4, method="cam"):

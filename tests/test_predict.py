@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from hpa.cells.combine import combine, quality_factor
 from hpa.constants import NEGATIVE, NUM_CLASSES
-from hpa.predict import combine, quality_factor
 
 
 def probs(**kw):

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from hpa.cells import cell_cam_scores, cell_geometry, image_cell_rows
+from hpa.cells.pseudo_rules import assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels, fill_targets
+from hpa.cells.table import cell_cam_scores, cell_geometry, image_cell_rows
 from hpa.constants import NEGATIVE, NUM_CLASSES
-from hpa.pseudo import (assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels,
-                        fill_targets)
 
 
 def two_squares():
@@ -113,7 +112,7 @@ def test_diagnostics_precision_recall():
 
 
 def test_label_sets_add_passing_classes_to_positives_only():
-    from hpa.pseudo import label_sets
+    from hpa.cells.pseudo_rules import label_sets
 
     ev = np.zeros((3, NUM_CLASSES), np.float32)
     ev[0, [2, 5, 9]] = [0.9, 0.6, 0.2]  # positive 2; 5 passes its threshold, 9 does not
@@ -126,7 +125,7 @@ def test_label_sets_add_passing_classes_to_positives_only():
 
 
 def test_membership_evidence_counts_a_cells_second_class_fully():
-    from hpa.pseudo import cell_model_evidence
+    from hpa.cells.pseudo_rules import cell_model_evidence
 
     p = np.zeros((2, NUM_CLASSES), np.float32)
     p[0, [0, 2, NEGATIVE]] = [0.45, 0.45, 0.1]  # a positive cell showing two classes
@@ -140,7 +139,7 @@ def test_membership_evidence_counts_a_cells_second_class_fully():
 
 
 def test_cycle2_label_sets_keep_the_secondary_classes_of_cycle1():
-    from hpa.pseudo import label_sets, mixed_evidence
+    from hpa.cells.pseudo_rules import label_sets, mixed_evidence
 
     ev = np.zeros((1, NUM_CLASSES), np.float32)
     ev[0, [0, 2]] = [0.9, 0.6]  # cycle 1: nucleoplasm, and nucleoli passes too

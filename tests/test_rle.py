@@ -1,4 +1,4 @@
-"""Mask strings (hpa.rle): the competition's encoding, round trips, batch encoding, errors."""
+"""Mask strings (hpa.eval.rle): the competition's encoding, round trips, batch encoding, errors."""
 
 import base64
 import zlib
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from hpa.rle import RLEError, decode_mask, decode_rles, encode_instances, encode_mask
+from hpa.eval.rle import RLEError, decode_mask, decode_rles, encode_instances, encode_mask
 
 
 def reference_encode(mask):
@@ -119,7 +119,7 @@ REAL_MASK = (
 
 @pytest.mark.skipif(not REAL_MASK.is_file(), reason="real HPA masks not available")
 def test_real_hpa_mask_instances():
-    from hpa.io import read_mask
+    from hpa.io.fields import read_mask
 
     lab = read_mask(REAL_MASK)
     got = encode_instances(lab)

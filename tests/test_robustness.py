@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hpa.synth import generate_dataset
+from hpa.synth.generate import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HPA_LOG="INFO", PYTHONUNBUFFERED="1")
@@ -280,8 +280,8 @@ def test_a_16_bit_field_among_8_bit_ones_is_scaled_by_bit_depth(synth128, tmp_pa
     """The same field saved as 16-bit (x257), or with one 16-bit channel, gives the same masks and cache rows."""
     import shutil
 
-    from hpa.data import build_field_cache
-    from hpa.io import read_field, write_field
+    from hpa.data.cache import build_field_cache
+    from hpa.io.fields import read_field, write_field
 
     ids = pd.read_csv(synth128 / "train.csv", dtype=str)["ID"].tolist()[:3]
     for name in ("d8", "d16"):
@@ -314,8 +314,8 @@ def test_chain_with_on_bad_image_skip_records_every_bad_image_and_copes_with_emp
     keep empty masks, give no cell rows, an empty submission string, and are listed too."""
     import shutil
 
-    from hpa.io import read_field, read_mask, write_field
-    from hpa.submission import read_submission
+    from hpa.eval.submission import read_submission
+    from hpa.io.fields import read_field, read_mask, write_field
 
     data = tmp_path / "data"
     shutil.copytree(synth128, data)
@@ -364,7 +364,8 @@ def test_chain_with_on_bad_image_skip_records_every_bad_image_and_copes_with_emp
 
 
 def test_field_size_reads_headers_of_an_undecodable_field(tmp_path):
-    from hpa.io import InputError, field_size, read_field, write_field
+    from hpa.io.errors import InputError
+    from hpa.io.fields import field_size, read_field, write_field
 
     write_field(tmp_path, "a", np.full((4, 30, 50), 7, np.uint8))
     p = tmp_path / "a_red.png"
@@ -389,7 +390,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_full_disk_while_writing_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
-    from hpa import fsutil
+    from hpa.utils import fs as fsutil
 
     target = tmp_path / "out" / "table.csv"
     fsutil.write_csv(target, pd.DataFrame({"a": [1]}))
@@ -407,7 +408,7 @@ def test_full_disk_while_writing_names_the_path_and_keeps_the_old_file(tmp_path,
 
 
 def test_unwritable_output_folder_names_the_path(tmp_path, monkeypatch):
-    from hpa import fsutil
+    from hpa.utils import fs as fsutil
 
     def denied(*args, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
@@ -432,8 +433,9 @@ def test_unwritable_output_folder_names_the_path(tmp_path, monkeypatch):
 
 
 def test_stage_03_on_a_full_disk_fails_naming_the_mask_and_resumes_once_there_is_space(tmp_path, monkeypatch):
-    from hpa import fsutil
     from tiny_fields import make_tiny_dataset
+
+    from hpa.utils import fs as fsutil
 
     root = make_tiny_dataset(tmp_path / "data", n=6, size=48)
     args = ["--data", str(root), "--run", str(tmp_path / "run"), "--split", "train", "--profile", "quick",
@@ -457,8 +459,9 @@ def test_stage_03_on_a_full_disk_fails_naming_the_mask_and_resumes_once_there_is
 
 
 def test_field_cache_on_a_full_disk_fails_before_decoding_naming_the_file(tmp_path, monkeypatch):
-    from hpa.data import build_field_cache
     from tiny_fields import make_tiny_dataset
+
+    from hpa.data.cache import build_field_cache
 
     root = make_tiny_dataset(tmp_path / "data", n=4, size=32)
     monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)

@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from hpa.io import InputError, read_field, read_mask, write_field
-from hpa.matching import match_cells
-from hpa.segment import available_segmenters, check_masks, finalize_masks, get_segmenter
-from hpa.segment.run import merge_tables, segment_images, table_name
+from hpa.eval.matching import match_cells
+from hpa.io.errors import InputError
+from hpa.io.fields import read_field, read_mask, write_field
+from hpa.pipeline.segmentation import merge_tables, segment_images, table_name
+from hpa.segment import available_segmenters, get_segmenter
+from hpa.segment.common import check_masks, finalize_masks
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 
@@ -231,7 +233,7 @@ def test_stage_script_works_alone_on_a_folder_of_fields(tmp_path):
 
 # ------------------------------------------------------------------ quality on generated and real data
 def test_quality_on_the_synthetic_benchmark_generator():
-    synth = pytest.importorskip("hpa.synth")
+    synth = pytest.importorskip("hpa.synth.generate")
     seg = get_segmenter("classical")
     n_true = n_pred = n_matched = 0
     for k in range(3):

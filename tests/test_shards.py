@@ -18,14 +18,15 @@ import pandas as pd
 import pytest
 import torch
 
-from hpa.cam import save_cam
+from hpa.cam.maps import save_cam
 from hpa.constants import CLASS_NAMES, NUM_CLASSES
-from hpa.data import build_field_cache, cache_path
-from hpa.fsutil import shard_path, shard_sets
-from hpa.io import InputError, write_field, write_mask
-from hpa.models import build_model
-from hpa.train import save_checkpoint
-from hpa.labelling import build_cell_table_shard, cell_table, cell_table_path, merge_cell_tables
+from hpa.data.cache import build_field_cache, cache_path
+from hpa.engine.checkpoint import save_checkpoint
+from hpa.io.errors import InputError
+from hpa.io.fields import write_field, write_mask
+from hpa.models.factory import build_model
+from hpa.pipeline.pseudo_labels import build_cell_table_shard, cell_table, cell_table_path, merge_cell_tables
+from hpa.utils.shards import shard_path, shard_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 EMPTY = {"train": {1, 4}, "test": {2}}  # images without cells: a shard may hold no rows at all

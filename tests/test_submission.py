@@ -1,11 +1,11 @@
-"""Submission CSV (hpa.submission): write -> read round trip, grouping of masks, errors naming row and ID."""
+"""Submission CSV (hpa.eval.submission): write -> read round trip, grouping of masks, errors naming row and ID."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from hpa.rle import encode_mask
-from hpa.submission import SubmissionError, prediction_string, read_submission, write_submission
+from hpa.eval.rle import encode_mask
+from hpa.eval.submission import SubmissionError, prediction_string, read_submission, write_submission
 
 
 def two_cells(h=6, w=9):

@@ -1,4 +1,4 @@
-"""Tests of the synthetic benchmark generator (hpa.synth*, hpa.label_stats). Small 128-px fields."""
+"""Tests of the synthetic benchmark generator (hpa.synth*, hpa.synth.label_stats). Small 128-px fields."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa import label_stats as LS
 from hpa.constants import CHANNELS, NEGATIVE
-from hpa.io import read_labels, read_mask
-from hpa.synth import generate_dataset, image_id, main, make_field
-from hpa.synth_labels import assign_cell_labels, image_label_from_cells, sample_label_sets
-from hpa.synth_render import MITOTIC_ALLOWED, NUCLEAR_CLASSES, compute_maps
+from hpa.io.fields import read_mask
+from hpa.io.layout import read_labels
+from hpa.synth import label_stats as LS
+from hpa.synth.generate import generate_dataset, image_id, main, make_field
+from hpa.synth.labels import assign_cell_labels, image_label_from_cells, sample_label_sets
+from hpa.synth.render import MITOTIC_ALLOWED, NUCLEAR_CLASSES, compute_maps
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 N_TRAIN, N_TEST, SIZE, SEED = 6, 3, 128, 5

@@ -12,11 +12,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
-from hpa.data import FieldDataset, build_field_cache
-from hpa.models import build_model
-from hpa.train import (EpochSampler, compute_metrics, fit, load_model, lr_at, make_loss, predict, tune_thresholds)
 from tiny_fields import make_tiny_dataset
+
+from hpa.data.cache import FieldDataset, build_field_cache
+from hpa.engine.checkpoint import load_model
+from hpa.engine.inference import predict
+from hpa.engine.losses import make_loss
+from hpa.engine.metrics import compute_metrics, tune_thresholds
+from hpa.engine.sampler import EpochSampler
+from hpa.engine.schedule import lr_at
+from hpa.engine.trainer import fit
+from hpa.models.factory import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = dict(epochs=2, batch_size=4, lr=3e-3, warmup_epochs=0.0, amp="off", channels_last=False, progress=False,
@@ -255,7 +261,7 @@ def test_torchrun_two_processes_on_cpu(tiny, tmp_path):
 
 
 def test_head_bias_starts_at_the_class_prior():
-    from hpa.train import init_head_bias
+    from hpa.engine.losses import init_head_bias
 
     model = _model()
     t = np.zeros((10, 19), np.float32)
@@ -270,7 +276,7 @@ def test_head_bias_starts_at_the_class_prior():
 
 
 def test_validation_of_a_crop_trained_model_is_tiled(tiny, tmp_path):
-    from hpa.augment import BatchAugment
+    from hpa.data.augment import BatchAugment
 
     train_ds, val_ds = _datasets(tiny)  # 32-px fields, trained on 16-px crops
     model = _model()

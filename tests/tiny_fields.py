@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpa.io import write_field
+from hpa.io.fields import write_field
 
 PATTERN_CLASSES = (0, 1, 2, 3)
 

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .common import check_masks, finalize_masks
+from hpa.segment.common import check_masks, finalize_masks
 
 __all__ = ["get_segmenter", "available_segmenters", "register_segmenter", "check_masks", "finalize_masks"]
 
 
 def _classical(**kw):
-    from .classical import ClassicalSegmenter
+    from hpa.segment.classical import ClassicalSegmenter
 
     return ClassicalSegmenter(**kw)
 
 
 def _hpacellseg(**kw):
-    from .hpacellseg_adapter import HPACellSegmenter
+    from hpa.segment.hpacellseg_adapter import HPACellSegmenter
 
     return HPACellSegmenter(**kw)
 

@@ -39,7 +39,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from .common import check_field, finalize_masks, empty_masks
+from hpa.segment.common import check_field, empty_masks, finalize_masks
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io import InputError
+from hpa.io.errors import InputError
 
 
 def check_field(field: np.ndarray) -> np.ndarray:
     """Check a field is a uint8/uint16 ``(4, H, W)`` array; return it as an ndarray.
 
-    Raises :class:`hpa.io.InputError` (a ``ValueError``) saying what arrived.
+    Raises :class:`hpa.io.fields.InputError` (a ``ValueError``) saying what arrived.
     """
     field = np.asarray(field)
     if field.ndim != 3 or field.shape[0] != 4:

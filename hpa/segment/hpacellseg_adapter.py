@@ -47,8 +47,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..io import to_uint8
-from .common import check_field, empty_masks, finalize_masks
+from hpa.io.fields import to_uint8
+from hpa.segment.common import check_field, empty_masks, finalize_masks
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class HPACellSegmenter:
         nuc_path, cell_path = check_weights(nuclei_model, cell_model)  # before anything can download
         cellsegmentator, self._utils = import_hpacellseg()
         if device == "auto":
-            from ..config import resolve_device
+            from hpa.config import resolve_device
 
             device = resolve_device(device)
         self.scale_factor = float(scale_factor)

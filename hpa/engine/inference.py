@@ -1,0 +1,70 @@
+"""Batched inference of a trained model over arrays or datasets (tiles, flips, mixed precision).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hpa.engine.amp import amp_dtype, autocast, prepare_batch
+
+
+# --------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: str = "cpu", tta_flip: bool = False,
+            num_workers: int = 0, amp: str = "auto", progress: bool = False) -> np.ndarray:
+    """Class probabilities of every field/crop of ``data``.
+
+    Args:
+        model, meta: from :func:`load_model` (or a trained model and its meta).
+        data: uint8 array/memmap ``(N, C, H, W)`` (0..255), float array in [0, 1], or a
+            dataset whose items are ``x`` or ``(x, target)`` as in :func:`fit`.
+        tta_flip: average over the input and its horizontal flip.
+    Multi-label models trained on crops (``meta["tile"]``) see items larger than a crop as
+    overlapping tiles (:func:`hpa.engine.tiling.tiled_probs`), as in their validation.
+    Returns:
+        float32 ``(N, K)``: sigmoid probabilities (multilabel) or softmax (multiclass).
+    """
+    from hpa.engine.tiling import make_tiles, needs_tiles
+
+    if isinstance(data, np.ndarray):
+        if data.ndim != 4 or data.shape[1] != meta["in_channels"]:
+            raise ValueError(f"expected a (N, {meta['in_channels']}, H, W) array, got shape {data.shape}")
+        data = ArrayDataset(data)
+    model = model.to(device).eval()
+    mean = std = None
+    if meta.get("mean") is not None and meta.get("normalize", True):
+        mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+        std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    dtype = amp_dtype(amp, device)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for batch in tqdm(loader, desc="predict", disable=not progress, mininterval=2.0):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = prepare_batch(x.to(device, non_blocking=True), mean, std)
+        multiclass = meta.get("task") == "multiclass"
+        tiled = not multiclass and needs_tiles(x, meta.get("tile"))
+        xin = make_tiles(x, int(meta["tile"]))[0] if tiled else x
+        with autocast(device, dtype):
+            logits = model(xin).float()
+            if tta_flip:
+                logits2 = model(xin.flip(-1)).float()
+        act = (lambda z: torch.softmax(z, 1)) if multiclass else torch.sigmoid
+        p = act(logits) if not tta_flip else 0.5 * (act(logits) + act(logits2))
+        if tiled:
+            p = p.reshape(len(x), -1, p.shape[-1]).mean(1)
+        out.append(p.cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, meta["num_classes"]), np.float32)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.arr[i]))

@@ -1,0 +1,138 @@
+"""The Kaggle data layout: ``train.csv`` / ``test.csv`` label tables, the image IDs of a split,
+and which of them have readable channel files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hpa.constants import NUM_CLASSES
+from hpa.io.errors import InputError
+from hpa.io.fields import channel_paths
+
+
+# --------------------------------------------------------------------------- labels
+def parse_label_string(text, where: str) -> list[int]:
+    """Parse ``"0|5|16"`` into ``[0, 5, 16]``; ``where`` names the file and row for errors."""
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        raise InputError(f"{where}: empty Label")
+    if isinstance(text, (int, np.integer)):
+        parts = [str(int(text))]
+    else:
+        parts = str(text).strip().split("|")
+    labels = []
+    for p in parts:
+        p = p.strip()
+        if not p.lstrip("-").isdigit():
+            raise InputError(f"{where}: Label {text!r} is not a '|'-separated list of class numbers")
+        c = int(p)
+        if not 0 <= c < NUM_CLASSES:
+            raise InputError(f"{where}: class {c} outside 0..{NUM_CLASSES - 1} in Label {text!r}")
+        labels.append(c)
+    return sorted(set(labels))
+
+
+def read_labels(csv_path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read a Kaggle ``train.csv`` (``ID,Label``) into ``(ids, multi_hot)``.
+
+    ``multi_hot`` is uint8 ``(N, 19)``. Raises :class:`InputError` naming the file and
+    row for missing columns, malformed labels, classes outside 0..18 and duplicate IDs.
+    """
+    csv_path = Path(csv_path)
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{csv_path}: labels file not found") from None
+    except Exception as exc:
+        raise InputError(f"{csv_path}: cannot parse CSV ({exc})") from None
+    missing = [c for c in ("ID", "Label") if c not in df.columns]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}")
+    ids = [s.strip() for s in df["ID"]]
+    y = np.zeros((len(df), NUM_CLASSES), np.uint8)
+    seen: dict[str, int] = {}
+    for i, (image_id, label) in enumerate(zip(ids, df["Label"])):
+        where = f"{csv_path} row {i + 2}"  # +1 header, +1 one-based
+        if not image_id:
+            raise InputError(f"{where}: empty ID")
+        if image_id in seen:
+            raise InputError(f"{where}: duplicate ID {image_id!r} (first at row {seen[image_id] + 2})")
+        seen[image_id] = i
+        if label == "":
+            raise InputError(f"{where}: empty Label for ID {image_id!r}")
+        y[i, parse_label_string(label, where)] = 1
+    return ids, y
+
+
+def read_ids(csv_path: str | os.PathLike) -> list[str]:
+    """IDs of a ``test.csv`` / ``sample_submission.csv`` (column ``ID``), checked for duplicates."""
+    csv_path = Path(csv_path)
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{csv_path}: file not found") from None
+    if "ID" not in df.columns:
+        raise InputError(f"{csv_path}: missing column 'ID'; found {list(df.columns)}")
+    ids = [s.strip() for s in df["ID"]]
+    dup = pd.Series(ids)[pd.Series(ids).duplicated()]
+    if len(dup):
+        raise InputError(f"{csv_path} row {int(dup.index[0]) + 2}: duplicate ID {dup.iloc[0]!r}")
+    return ids
+
+
+def list_split(data_dir: str | os.PathLike, split: str) -> tuple[list[str], np.ndarray | None]:
+    """IDs (and multi-hot labels for ``train``) of a split of a Kaggle-layout data folder.
+
+    ``train``: ``DATA/train.csv``. ``test``: ``DATA/test.csv``, else
+    ``DATA/sample_submission.csv``, else every ``*_red.*`` file in ``DATA/test/``.
+    Labels are ``None`` for the test split.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"data folder {data_dir} does not exist")
+    if split == "train":
+        return read_labels(data_dir / "train.csv")
+    if split != "test":
+        raise ValueError(f"unknown split {split!r}; valid: train, test")
+    for name in ("test.csv", "sample_submission.csv"):
+        if (data_dir / name).is_file():
+            return read_ids(data_dir / name), None
+    folder = data_dir / "test"
+    if not folder.is_dir():
+        raise InputError(f"{data_dir}: no test.csv, sample_submission.csv or test/ folder")
+    ids = sorted({p.name[: -len(p.name.split("_red")[-1]) - 4] for p in folder.glob("*_red.*")})
+    return ids, None
+
+
+def check_images_exist(folder: str | os.PathLike, ids: list[str]) -> None:
+    """Raise :class:`InputError` listing IDs whose channel files are missing (checked up front)."""
+    bad = []
+    for image_id in ids:
+        try:
+            channel_paths(folder, image_id)
+        except InputError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise InputError(f"{len(bad)} of {len(ids)} images lack channel files in {folder}:\n  " + "\n  ".join(bad[:5]) + more)
+
+
+def usable_images(folder: str | os.PathLike, ids: list[str], on_bad_image: str = "error") -> tuple[list[str], dict[str, str]]:
+    """Check channel files up front: ``error`` raises (see :func:`check_images_exist`);
+    ``skip`` returns ``(ids that have all four files, {bad id: reason})``."""
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if on_bad_image == "error":
+        check_images_exist(folder, ids)
+        return list(ids), {}
+    bad = {}
+    for image_id in ids:
+        try:
+            channel_paths(folder, image_id)
+        except InputError as exc:
+            bad[image_id] = str(exc)
+    return [i for i in ids if i not in bad], bad

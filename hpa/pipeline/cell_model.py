@@ -1,0 +1,235 @@
+"""Stage 05 library: the cell-level single-label classifier.
+
+Pieces, each usable alone:
+
+- *cell labels*: a DataFrame ``ID, cell_id, weight, t0..t18`` of soft targets (rows sum
+  to 1), from stage 04's pseudo-labels (:func:`read_pseudo_labels`, hard -> one-hot) or
+  from the ground truth in oracle mode (:func:`oracle_cell_labels`: true cells matched
+  one-to-one at IoU >= 0.6 to OUR predicted cells; a true cell with k classes gives each
+  1/k; unmatched predicted cells are left out);
+- :func:`attach_targets`: labels joined onto the rows of the crop cache
+  (:mod:`hpa.cells.crops`); :func:`balanced_sample_weights`: class-balanced sampling
+  weights ``sum_c t_c * count_c ** -power`` x the label weight;
+- :func:`cell_model_from_image_model`: the image model's architecture and backbone
+  weights with a fresh 19-way linear head;
+- :func:`predict_cells`: softmax probabilities of every cached cell;
+- :func:`train_cell_stage`: stage 05 end to end. Training is :func:`hpa.engine.trainer.fit`
+  (task ``multiclass``: softmax cross-entropy with probability targets and label
+  smoothing) on :class:`hpa.data.cache.FieldDataset` over the crop cache (uint8 crops; the loop
+  flips/turns them, jitters intensities and normalises with the image model's per-channel
+  mean/std), validated on the cells of the image model's validation fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from hpa.cells.crops import build_crop_cache
+from hpa.cells.targets import attach_targets, balanced_sample_weights, oracle_cell_labels, read_pseudo_labels
+from hpa.constants import NUM_CLASSES, PROB_COLS
+from hpa.io.errors import InputError
+from hpa.models.factory import cell_model_from_image_model
+from hpa.utils.fs import write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def read_val_ids(run: str | os.PathLike, val_fold: int) -> set[str]:
+    """IDs of the validation fold from ``RUN/splits.csv`` (written by stage 01: ID, fold)."""
+    path = Path(run) / "splits.csv"
+    if not path.is_file():
+        raise InputError(f"{path} not found: stage 01 writes the image folds; run it first")
+    df = pd.read_csv(path, dtype={"ID": str})
+    if not {"ID", "fold"} <= set(df.columns):
+        raise InputError(f"{path}: expected columns ID, fold; found {list(df.columns)}")
+    return set(df.loc[df["fold"] == int(val_fold), "ID"])
+
+
+def predict_cells(model: nn.Module, meta: dict, crops: np.ndarray, index: pd.DataFrame, batch_size: int = 256,
+                  device: str = "cpu", tta_flip: bool = False, amp: str = "auto") -> pd.DataFrame:
+    """Softmax probabilities of every cell of a crop cache (via :func:`hpa.engine.inference.predict`).
+
+    Args:
+        model, meta: a multi-class cell model and its meta (:func:`hpa.engine.checkpoint.load_model`).
+        crops: uint8 ``(N, 4, s, s)`` crop cache; index: its index (``ID, cell_id, row``).
+    Returns:
+        ``ID, cell_id, p0..p18`` (float32), one row per index row in index order; rows sum to 1.
+    """
+    from hpa.engine.inference import predict
+
+    if meta.get("task") != "multiclass" or meta.get("num_classes") != NUM_CLASSES:
+        raise ValueError(f"expected a {NUM_CLASSES}-class multiclass cell model, got task {meta.get('task')!r} "
+                         f"with {meta.get('num_classes')} classes")
+    rows = index["row"].to_numpy(np.int64)
+    if len(rows) and not np.array_equal(rows, np.arange(len(crops))):
+        crops = _Rows(crops, rows)
+    probs = predict(model, meta, crops, batch_size=batch_size, device=device, tta_flip=tta_flip, amp=amp)
+    df = index[["ID", "cell_id"]].reset_index(drop=True).copy()
+    df[PROB_COLS] = probs.astype(np.float32) if len(df) else np.zeros((0, NUM_CLASSES), np.float32)
+    return df
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, arr, rows):
+        self.arr, self.rows = arr, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.arr[self.rows[i]]))
+
+
+# --------------------------------------------------------------------------- stage 05
+#: Keys of the ``cell_model`` config section that :func:`train_cell_stage` understands.
+SETTINGS = ("cycle2_init", "crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
+            "weight_decay", "warmup_epochs", "label_smoothing", "balance_power", "samples_per_epoch",
+            "aug_intensity", "dropout", "bn_momentum", "drop_connect", "tta_flip", "predict_batch_size", "loader_workers", "amp",
+            "channels_last", "accumulate", "grad_clip")
+
+
+def stage_dir(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> Path:
+    """``RUN/cycle{k}`` or ``RUN/oracle``: where a cell model and its probabilities go."""
+    if oracle:
+        return Path(run) / "oracle"
+    if cycle not in (1, 2):
+        raise ValueError(f"cycle must be 1 or 2, got {cycle}")
+    return Path(run) / f"cycle{cycle}"
+
+
+def outputs(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> dict[str, Path]:
+    """The files stage 05 writes: ``model`` (cell_model/model.pt) and ``probs_{split}``."""
+    d = stage_dir(run, cycle, oracle)
+    out = {"model": d / "cell_model" / "model.pt", "probs_test": d / "cell_probs_test.parquet"}
+    if not oracle:
+        out["probs_train"] = d / "cell_probs_train.parquet"
+    return out
+
+
+def split_cache(run: Path, data_dir: Path, split: str, s: dict, workers: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crop cache of every usable image of ``split`` (``RUN/cell_cache/``), built or reused."""
+    from hpa.io.layout import list_split
+    from hpa.pipeline.pseudo_labels import usable_ids
+
+    ids = usable_ids(run, split, list_split(data_dir, split)[0])
+    return build_crop_cache(data_dir, run / "masks" / split, split, ids, int(s["crop_size"]), float(s["margin"]),
+                            s["outside"], float(s["dim_factor"]), run / "cell_cache", workers)
+
+
+def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None, oracle: bool = False, *,
+                     device: str = "cpu", force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Stage 05: train (or resume, or reuse) a cell model and predict every train/test cell.
+
+    Args:
+        run: run directory (reads ``masks/``, ``image_model/model.pt``, ``splits.csv``,
+            ``cycle{k}/pseudo_labels.parquet``; oracle: ``DATA/gt``).
+        cfg: the whole resolved config (``cell_model``, ``data``, ``seed``, ``num_workers``,
+            ``image_model.val_fold``).
+        cycle: 1 or 2 (ignored with ``oracle``).
+        oracle: train on true cell labels moved onto our cells (upper bound) -> ``RUN/oracle/``.
+        device: resolved device. force: retrain and re-predict.
+    Returns:
+        the paths written (see :func:`outputs`); test probabilities are skipped (absent from the
+        dict) when ``RUN/masks/test`` does not exist.
+    """
+    from hpa.config import ConfigError
+    from hpa.data.cache import FieldDataset
+    from hpa.engine.checkpoint import load_model
+    from hpa.engine.distributed import barrier, init_distributed, is_main_process
+    from hpa.engine.trainer import fit
+
+    s = dict(cfg["cell_model"])
+    unknown = sorted(set(s) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown cell_model setting(s) {unknown}; valid: {list(SETTINGS)}")
+    run, data_dir = Path(run), Path(cfg["data"])
+    seed, workers = int(cfg["seed"]), int(cfg["num_workers"])
+    out = outputs(run, cycle, oracle)
+    model_dir = out["model"].parent
+    has_test = (run / "masks" / "test").is_dir()
+    init_distributed(device)
+
+    if is_main_process():  # rank 0 builds the caches while the others wait
+        split_cache(run, data_dir, "train", s, workers)
+    barrier()
+    crops, index = split_cache(run, data_dir, "train", s, 0)
+    if oracle:
+        labels = oracle_cell_labels(data_dir, run / "masks" / "train", list(dict.fromkeys(index["ID"])))
+    else:
+        labels = read_pseudo_labels(stage_dir(run, cycle) / "pseudo_labels.parquet")
+    rows, targets, weights = attach_targets(index, labels)
+    val_ids = read_val_ids(run, int(cfg["image_model"]["val_fold"]))
+    is_val = index["ID"].to_numpy()[rows].astype(str)
+    is_val = np.isin(is_val, list(val_ids))
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(tr) == 0:
+        raise InputError(f"no labelled cells in the training images ({len(labels)} labels, {len(va)} in validation)")
+    log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
+             model_dir, len(rows), len(tr), len(va), len(index),
+             np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
+
+    image_model, image_meta = load_model(run / "image_model" / "model.pt")
+    if image_meta.get("mean") is None:
+        raise InputError(f"{run / 'image_model' / 'model.pt'} has no normalisation mean/std in its meta")
+    model = cell_model_from_image_model(image_model, int(s["crop_size"]), s.get("dropout"), s.get("output_stride"),
+                                        s.get("bn_momentum"), seed, s.get("drop_connect"))
+    del image_model
+    if not oracle and cycle == 2 and s.get("cycle2_init", "image") == "cycle1":
+        prev = stage_dir(run, 1) / "cell_model" / "model.pt"
+        if not prev.is_file():
+            raise InputError(f"{prev} not found: cell_model.cycle2_init=cycle1 needs the cycle-1 cell model (stage 05 --cycle 1)")
+        prev_model, _ = load_model(prev)
+        model.load_state_dict(prev_model.state_dict(), strict=True)
+        log.info("cycle 2 starts from the cycle-1 cell model %s", prev)
+        del prev_model
+    elif s.get("cycle2_init", "image") not in ("image", "cycle1"):
+        raise ConfigError(f"cell_model.cycle2_init must be 'image' or 'cycle1', got {s.get('cycle2_init')!r}")
+    from hpa.data.augment import BatchAugment
+
+    npy = run / "cell_cache" / f"train_{int(s['crop_size'])}.npy"
+    power = float(s["balance_power"])
+    sample_weights = balanced_sample_weights(targets[tr], weights[tr], power)
+    val_rows = rows[va]
+    fit(model, FieldDataset(npy, rows[tr], targets[tr]),
+        FieldDataset(npy, val_rows, targets[va]) if len(va) else None, model_dir,
+        task="multiclass", loss="ce", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+        weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]),
+        label_smoothing=float(s["label_smoothing"]), sample_weights=sample_weights,
+        samples_per_epoch=s.get("samples_per_epoch"), mean=image_meta["mean"], std=image_meta["std"],
+        augment=BatchAugment(flips=True, rot90=True, intensity=float(s["aug_intensity"])), amp=s["amp"],
+        channels_last=bool(s["channels_last"]), accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"),
+        num_workers=int(s["loader_workers"]), seed=seed, device=device, force=force, progress=progress,
+        val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
+        extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
+                    "crop_size": int(s["crop_size"]), "margin": float(s["margin"]), "outside": s["outside"],
+                    "dim_factor": float(s["dim_factor"]), "image_model": str(run / "image_model" / "model.pt"),
+                    "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed})
+    if len(va) == 0:
+        log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
+    written = {"model": out["model"]}
+    if is_main_process():
+        model, meta = load_model(out["model"], device)
+        splits = (["train"] if not oracle else []) + (["test"] if has_test else [])
+        if not has_test:
+            log.info("%s does not exist: no test-cell probabilities (run stage 03 on the test split)",
+                     run / "masks" / "test")
+        for split in splits:
+            path = out[f"probs_{split}"]
+            if path.is_file() and not force and path.stat().st_mtime >= out["model"].stat().st_mtime:
+                log.info("%s is up to date; skipping (force retrains and re-predicts)", path)
+            else:
+                crops, index = split_cache(run, data_dir, split, s, workers) if split == "test" else (crops, index)
+                probs = predict_cells(model, meta, crops, index, int(s["predict_batch_size"]), device,
+                                      bool(s["tta_flip"]), s["amp"])
+                write_parquet(path, probs)
+                log.info("wrote %s (%d cells of %d images)", path, len(probs), probs["ID"].nunique())
+            written[f"probs_{split}"] = path
+    barrier()
+    return written

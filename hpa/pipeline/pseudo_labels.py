@@ -1,0 +1,241 @@
+"""Stage 04 orchestration: the train cell table, pseudo-labels of a cycle, their report.
+
+The cell table of a split (``RUN/cells/{split}.parquet``, also used by stage 06 for test) is
+built image by image, so it can be built in shards: shard ``(i, N)`` takes every N-th usable
+image and writes ``RUN/cells/{split}.shard-i-of-N.parquet``; the whole-split table is the
+shards' rows joined in the split's image order (:func:`merge_cell_tables`), identical to the
+table one process builds. Thresholds are global, so pseudo-labels need the whole table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hpa.cells.pseudo_rules import (
+    assign_labels,
+    cam_evidence,
+    cell_model_evidence,
+    class_thresholds,
+    coverage,
+    diagnostics,
+    fill_labels,
+    fill_targets,
+    label_sets,
+    mixed_evidence,
+)
+from hpa.cells.table import build_cell_table
+from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS, TARGET_COLS
+from hpa.eval import gt as gtmod
+from hpa.io.errors import InputError
+from hpa.io.fields import read_mask
+from hpa.io.layout import list_split
+from hpa.utils.fs import write_json, write_parquet
+from hpa.utils.shards import select_shard, shard_path, shard_sets
+
+log = logging.getLogger(__name__)
+
+
+def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)) -> Path:
+    """``RUN/cells/{split}.parquet``, or ``RUN/cells/{split}.shard-i-of-N.parquet`` for shard i of N."""
+    return shard_path(Path(run) / "cells" / f"{split}.parquet", shard)
+
+
+def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_size: int, force: bool = False,
+               view: bool = True) -> pd.DataFrame:
+    """``RUN/cells/{split}.parquet``, built from masks and CAMs when missing (or ``force``).
+
+    ``view``: add the image model's isolated-cell probabilities (``view_p*``, :mod:`hpa.cells.view`).
+
+    When it is missing but a complete set of shard tables exists (:func:`build_cell_table_shard`),
+    the shards are joined instead; an incomplete set is an error naming the missing shards
+    (``force`` builds the whole table here and ignores the shards).
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split)
+    if path.is_file() and not force:
+        return pd.read_parquet(path)
+    if not force:
+        sets = shard_sets(path)
+        complete = [n for n, have in sets.items() if len(have) == n]
+        if len(complete) == 1:
+            return merge_cell_tables(run, data_dir, split, complete[0])
+        if sets:
+            detail = "; ".join(f"N={n}: missing {_missing_names(path, n, have)}" for n, have in sets.items()
+                               if len(have) < n)
+            raise InputError(f"{path.parent}: cannot tell which shard tables of {split} to join "
+                             f"({detail or 'complete sets for N=' + ', '.join(map(str, complete))}); run the missing "
+                             f"shards or --merge N, or --force to build the whole table in one process")
+    ids = usable_ids(run, split, list_split(data_dir, split)[0])
+    table = build_cell_table(ids, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
+                             _viewer(run, data_dir, split, view))
+    write_parquet(path, table)
+    log.info("cell table %s: %d cells in %d images -> %s", split, len(table), len(ids), path)
+    return table
+
+
+def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, shard: tuple[int, int],
+                           topk_frac: float, work_size: int, force: bool = False, view: bool = True) -> Path:
+    """Build the cell table of shard ``(i, N)`` (every N-th usable image from the i-th).
+
+    Writes ``RUN/cells/{split}.shard-i-of-N.parquet`` (kept unless ``force``) and, once every
+    shard's table exists, the whole split's ``RUN/cells/{split}.parquet``
+    (:func:`merge_cell_tables`). Returns the shard table's path.
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split, shard)
+    if force or not path.is_file():
+        ids = usable_ids(run, split, list_split(data_dir, split)[0])
+        mine = select_shard(ids, shard)
+        table = build_cell_table(mine, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
+                                 _viewer(run, data_dir, split, view))
+        write_parquet(path, table)
+        log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
+                 len(mine), path)
+    n = shard[1]
+    if n > 1 and all(cell_table_path(run, split, (i, n)).is_file() for i in range(n)):
+        merge_cell_tables(run, data_dir, split, n)
+    return path
+
+
+def merge_cell_tables(run: str | Path, data_dir: str | Path, split: str, n_shards: int) -> pd.DataFrame:
+    """Join the N shard tables of a split into ``RUN/cells/{split}.parquet`` (written atomically).
+
+    Rows follow the split's image order (``DATA/{split}.csv``), as in a table built in one
+    process. Raises FileNotFoundError listing the shard tables that are missing.
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    path = cell_table_path(run, split)
+    have = [i for i in range(n_shards) if cell_table_path(run, split, (i, n_shards)).is_file()]
+    if len(have) < n_shards:
+        raise FileNotFoundError(f"cannot merge the {split} cell table: shard table(s) missing in {path.parent}: "
+                                f"{_missing_names(path, n_shards, have)} (run those shards first)")
+    parts = [pd.read_parquet(cell_table_path(run, split, (i, n_shards))) for i in range(n_shards)]
+    full = [t for t in parts if len(t)] or parts[:1]  # an empty shard's columns carry no dtypes
+    table = pd.concat(full, ignore_index=True)
+    ids, _ = list_split(data_dir, split)
+    order = {image_id: k for k, image_id in enumerate(ids)}
+    key = table["ID"].map(order)
+    if key.isna().any():
+        raise InputError(f"{path.parent}: shard tables hold image(s) not in {data_dir}/{split}.csv, e.g. "
+                         f"{table['ID'][key.isna()].iloc[0]!r} (stale shards? rebuild them with --force)")
+    table = table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+    write_parquet(path, table)
+    log.info("merged %d shard tables into %s (%d cells)", n_shards, path, len(table))
+    return table
+
+
+def _viewer(run: Path, data_dir: Path, split: str, view: bool):
+    """The isolated-cell viewer of the run's image model, or None (``view`` off, or no image model)."""
+    if not view:
+        return None
+    if not (run / "image_model" / "model.pt").is_file():
+        log.info("%s has no image model: the %s cell table gets no isolated-cell probabilities", run, split)
+        return None
+    from hpa.cells.view import CellViewer
+
+    return CellViewer(run, data_dir, split)
+
+
+def _missing_names(path: Path, n: int, have: list[int]) -> list[str]:
+    return [shard_path(path, (i, n)).name for i in range(n) if i not in set(have)]
+
+
+def usable_ids(run: Path, split: str, ids: list[str]) -> list[str]:
+    """IDs minus images an earlier stage recorded as skipped (``skipped.csv`` of masks or cams)."""
+    skipped = set()
+    for p in (run / "masks" / split / "skipped.csv", run / "cams" / split / "skipped.csv"):
+        if p.is_file():
+            skipped |= set(pd.read_csv(p, dtype={"ID": str})["ID"])
+    if skipped:
+        log.warning("%d %s image(s) skipped by earlier stages are left out (see skipped.csv)", len(skipped), split)
+    return [i for i in ids if i not in skipped]
+
+
+def load_cell_probs(path: Path, table: pd.DataFrame) -> np.ndarray:
+    """Cell-model probabilities (N, 19) aligned to ``table``'s (ID, cell_id) rows."""
+    if not path.is_file():
+        raise InputError(f"{path} not found: train the previous cycle's cell model first (stage 05)")
+    probs = pd.read_parquet(path)
+    merged = table[["ID", "cell_id"]].merge(probs, on=["ID", "cell_id"], how="left", validate="one_to_one")
+    if merged[PROB_COLS].isna().any().any():
+        n = int(merged[PROB_COLS[0]].isna().sum())
+        raise InputError(f"{path}: no probabilities for {n} cells of the cell table (masks changed since?)")
+    return merged[PROB_COLS].to_numpy(np.float32)
+
+
+def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dict, force: bool = False) -> pd.DataFrame:
+    """Write ``RUN/cycle{k}/pseudo_labels.parquet`` and ``pseudo_report.json``; return the labels.
+
+    ``p`` is the ``pseudo`` config section (see hpa.config.DEFAULTS).
+    """
+    run, data_dir = Path(run), Path(data_dir)
+    table = cell_table(run, data_dir, "train", p["topk_frac"], p.get("work_size", 512), force=force,
+                       view=bool(p.get("cell_view", True)))
+    ids, y = list_split(data_dir, "train")
+    label_of = dict(zip(ids, y))
+    img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))
+    ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
+    negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
+    raw = probs = None
+    if cycle > 1:
+        raw = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table)
+        probs = cell_model_evidence(raw, p.get("cycle2_evidence", "membership"))
+    q = p["pos_quantile"] if cycle == 1 else p.get("cycle2_pos_quantile", p["pos_quantile"])
+    label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
+    out = table[["ID", "cell_id"]].copy()
+    out["label"], out["confidence"], out["weight"] = label, conf, 1.0
+    sets = None
+    if p.get("multi_label", False):  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.cells.pseudo_rules.label_sets)
+        also = None if probs is None else (ev, class_thresholds(ev, p["pos_quantile"], p["pos_min"]))
+        rel = float(p.get("cycle2_secondary_rel") or 0.0) if probs is not None else 0.0
+        sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also, rel)
+        out["labels"] = ["|".join(map(str, c)) for c in sets]
+    report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
+    fill_w = float(p.get("cycle2_fill_weight") or 0.0) if raw is not None else 0.0
+    filled = np.zeros(len(label), bool)
+    if fill_w > 0:  # the cells the rule left out, filled from the cell model (soft or hard targets)
+        full = fill_labels(label, raw, img_labels)
+        filled = label < 0
+        out["label"] = full
+        out["confidence"] = np.where(filled, raw[np.arange(len(full)), full], conf).astype(np.float32)
+        out["weight"] = np.where(filled, fill_w, 1.0).astype(np.float32)
+        if "labels" in out.columns:
+            out.loc[filled, "labels"] = full[filled].astype(str)
+        kind = p.get("cycle2_fill_targets", "hard")
+        if kind not in ("hard", "soft"):
+            raise ValueError(f"pseudo.cycle2_fill_targets must be hard or soft, got {kind!r}")
+        if kind == "soft":  # the cell model's probabilities over the allowed classes, not its top class
+            soft = np.full((len(out), NUM_CLASSES), np.nan, np.float32)
+            soft[filled] = fill_targets(raw[filled], img_labels[filled])
+            out[TARGET_COLS] = soft
+        filled_only = np.where(filled, full, -1)
+        report["filled"] = {"weight": fill_w, "targets": kind, **coverage(filled_only)}
+    if gtmod.has_gt(data_dir):
+        truth = true_label_sets(run, data_dir, table)
+        report["vs_ground_truth"] = diagnostics(label, truth, sets)
+        log.info("cycle %d pseudo-labels: %.1f%% of cells labelled, precision %.3f against ground truth", cycle,
+                 100 * report["coverage"]["labelled"], report["vs_ground_truth"]["overall_precision"])
+        if filled.any():
+            report["filled"]["vs_ground_truth"] = diagnostics(filled_only, truth)
+            log.info("cycle %d: %d left-out cells filled from the cell model at weight %.2f, precision %.3f", cycle,
+                     int(filled.sum()), fill_w, report["filled"]["vs_ground_truth"]["overall_precision"])
+    out = out[out["label"] >= 0].reset_index(drop=True)
+    cdir = run / f"cycle{cycle}"
+    write_parquet(cdir / "pseudo_labels.parquet", out)
+    write_json(cdir / "pseudo_report.json", report)
+    return out
+
+
+def true_label_sets(run: Path, data_dir: Path, table: pd.DataFrame, split: str = "train") -> list[list[int] | None]:
+    """True classes of each row of ``table`` (None for cells without a true partner). Diagnostic only."""
+    labels = gtmod.read_cell_labels(data_dir, split)
+    truth: dict[tuple[str, int], list[int]] = {}
+    for image_id in table["ID"].unique():
+        pred = read_mask(run / "masks" / split / f"{image_id}_cellmask.png")
+        transfer = gtmod.transfer_labels(pred, gtmod.read_gt_mask(data_dir, image_id), labels.get(image_id, {}))
+        truth.update({(image_id, c): t for c, t in transfer.items()})
+    return [truth.get((i, int(c))) for i, c in zip(table["ID"], table["cell_id"])]
