@@ -24,6 +24,7 @@ their predictions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,9 +64,9 @@ def parse_models(run: Path, items: list[str] | None) -> dict[str, Path]:
 def prepare(run: Path, work: Path, n: int, seed: int, workers: int) -> tuple[Path, Path]:
     """Held-out data (``work/data``, ``n`` test fields) and a work run (``work/run``) with segmentation and CAMs."""
     cfg = load_run_config(run)
-    synth_meta = Path(cfg["data"]) / "gt" / "synth_meta.json"
+    synth_meta = Path(cfg.data) / "gt" / "synth_meta.json"
     if not synth_meta.is_file():
-        sys.exit(f"{cfg['data']} is not a synthetic data set (no gt/synth_meta.json): nothing to draw from")
+        sys.exit(f"{cfg.data} is not a synthetic data set (no gt/synth_meta.json): nothing to draw from")
     meta = json.loads(synth_meta.read_text())
     if int(meta.get("seed", -1)) == seed:
         sys.exit(f"--seed {seed} is the seed of the run's own data: choose another")
@@ -74,7 +75,7 @@ def prepare(run: Path, work: Path, n: int, seed: int, workers: int) -> tuple[Pat
     wrun.mkdir(parents=True, exist_ok=True)
     if not (wrun / "image_model").exists():
         os.symlink((run / "image_model").resolve(), wrun / "image_model")
-    save_config(wrun, {**cfg, "data": str(data.resolve())})
+    save_config(wrun, dataclasses.replace(cfg, data=str(data.resolve())))
     for stage in ("03_segment.py", "02_cam.py"):  # both resume: finished work is reused
         subprocess.run([sys.executable, str(ROOT / "stages" / stage), "--run", str(wrun), "--split", "test"],
                        check=True, stdout=subprocess.DEVNULL)
@@ -100,19 +101,19 @@ def main(argv=None):
     t = time.perf_counter()
     data, wrun = prepare(run, work, args.n, args.seed, args.workers)
     cfg = load_run_config(wrun)
-    p, sc = cfg["predict"], cfg["pseudo"]
-    table = cell_table(wrun, data, "test", sc["topk_frac"], sc["work_size"], view=False)
-    crops, index = split_cache(wrun, data, "test", cfg["cell_model"], args.workers)
+    p, sc = cfg.predict, cfg.pseudo
+    table = cell_table(wrun, data, "test", sc.topk_frac, sc.work_size, view=False)
+    crops, index = split_cache(wrun, data, "test", cfg.cell_model, args.workers)
     print(f"{run}: held-out set of {table['ID'].nunique()} fields, {len(table)} cells (seed {args.seed}; "
-          f"prepared in {time.perf_counter() - t:.0f} s); rule {p['combine']}, negative {p['negative']}")
+          f"prepared in {time.perf_counter() - t:.0f} s); rule {p.combine}, negative {p.negative}")
 
     img = table[IMG_COLS].to_numpy(np.float32)
-    quality = quality_factor(table["rel_area"], table["touches_border"]) if p["small_cell_penalty"] else None
+    quality = quality_factor(table["rel_area"], table["touches_border"]) if p.small_cell_penalty else None
     confs = {"broadcast": combine(img, None, "image", "max", quality)}
     for name, path in models.items():
         model, meta = load_model(path)
-        probs = predict_cells(model, meta, crops, index, int(cfg["cell_model"]["predict_batch_size"]))
-        confs[name] = combine(img, aligned_cell_probs(table, probs, str(path)), p["combine"], p["negative"], quality)
+        probs = predict_cells(model, meta, crops, index, cfg.cell_model.predict_batch_size)
+        confs[name] = combine(img, aligned_cell_probs(table, probs, str(path)), p.combine, p.negative, quality)
 
     res = score_methods(wrun, data, table, confs, n_boot=args.bootstrap)  # the report's scorer, on the work run
     first = next(iter(models))

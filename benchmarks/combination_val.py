@@ -35,11 +35,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     run = Path(args.run)
     cfg = load_run_config(run)
-    data = Path(cfg["data"])
+    data = Path(cfg.data)
     if not gtmod.has_gt(data):
         sys.exit(f"{data} has no gt/: nothing to score")
     folds = pd.read_csv(run / "splits.csv", dtype={"ID": str})
-    val = set(folds.loc[folds["fold"] == int(cfg["image_model"]["val_fold"]), "ID"])
+    val = set(folds.loc[folds["fold"] == int(cfg.image_model.val_fold), "ID"])
     table = pd.read_parquet(run / "cells" / "train.parquet")
     table = table[table["ID"].isin(val)].reset_index(drop=True)
     labels = gtmod.read_cell_labels(data, "train")

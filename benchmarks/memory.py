@@ -98,12 +98,12 @@ def make_image_model(run: Path) -> None:
     from hpa.models.factory import build_model
     from hpa.pipeline.image_model import image_model_dir
 
-    c = load_run_config(run)["image_model"]
+    c = load_run_config(run).image_model
     torch.manual_seed(0)
-    model = build_model(c["arch"], image_size=c["image_size"], output_stride=c["output_stride"],
-                        input_norm=c["input_norm"])
-    meta = {"arch": c["arch"], "num_classes": 19, "in_channels": 4, "output_stride": c["output_stride"],
-            "input_norm": c["input_norm"], "dropout": 0.2, "image_size": c["image_size"], "task": "multilabel",
+    model = build_model(c.arch, image_size=c.image_size, output_stride=c.output_stride,
+                        input_norm=c.input_norm)
+    meta = {"arch": c.arch, "num_classes": 19, "in_channels": 4, "output_stride": c.output_stride,
+            "input_norm": c.input_norm, "dropout": 0.2, "image_size": c.image_size, "task": "multilabel",
             "class_names": list(CLASS_NAMES), "mean": [0.1] * 4, "std": [0.1] * 4, "epochs": 0, "normalize": True}
     save_checkpoint(image_model_dir(run) / "model.pt", {"model": model.state_dict(), "meta": meta, "history": []})
 

@@ -15,14 +15,12 @@ meaning in hpa/config.py; override any of them as key=value, e.g. image_model.ep
 """
 
 import argparse
-import sys
 from contextlib import nullcontext
 
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.engine.distributed import init_distributed, is_main_process
-from hpa.io.errors import InputError
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.image_model import image_model_dir, train_image_model
-from hpa.utils.log import setup_logging
 from hpa.utils.timing import stage_timer
 
 
@@ -32,21 +30,17 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="retrain from scratch even if RUN/image_model/ has a model")
     ap.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar (log lines only)")
     args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        run(args)
-    except (ConfigError, InputError) as exc:  # bad settings or data: the message says what and where
-        sys.exit(f"01_train_image: error: {exc}")
+    run_stage("01_train_image", args.run, lambda: run(args))
 
 
 def run(args):
     # every rank resolves the same settings (config.yaml is written atomically with identical content)
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     init_distributed(device)
     with stage_timer(args.run, "01_train_image") if is_main_process() else nullcontext():
-        history = train_image_model(args.run, cfg["data"], cfg["image_model"], seed=int(cfg["seed"]), device=device,
-                                    num_workers=int(cfg["num_workers"]), on_bad_image=cfg["on_bad_image"],
+        history = train_image_model(args.run, cfg.data, cfg.image_model, seed=cfg.seed, device=device,
+                                    num_workers=cfg.num_workers, on_bad_image=cfg.on_bad_image,
                                     force=args.force, progress=not args.no_progress)
     if is_main_process() and history:
         last = history[-1]

@@ -12,16 +12,14 @@ Resumable: images with a CAM file are skipped unless --force. Details: docs/cams
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from hpa.cam.methods import available_methods
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.engine.checkpoint import load_model
-from hpa.io.errors import InputError
 from hpa.pipeline.cams import compute_split_cams, draw_split_overlays, file_sha1, write_overlay_index
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.image_model import image_model_dir
-from hpa.utils.log import setup_logging
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -37,20 +35,14 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None, help="decoding/drawing processes (default: num_workers)")
     ap.add_argument("--force", action="store_true", help="recompute CAMs and overlays that exist")
     args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        run(args)
-    except (ConfigError, InputError, FileNotFoundError) as exc:
-        sys.exit(f"02_cam: error: {exc}")
+    run_stage("02_cam", args.run, lambda: run(args))
 
 
 def run(args):
     overrides = list(args.overrides) + ([f"cam.method={args.method}"] if args.method else [])
     cfg = setup_run(args.run, args.data, args.profile, args.config, overrides)
-    c, shard = cfg["cam"], parse_shard(args.shard)
-    if c["method"] not in available_methods():
-        raise ConfigError(f"cam.method {c['method']!r} unknown; valid methods: {', '.join(available_methods())}")
-    workers = cfg["num_workers"] if args.workers is None else args.workers
+    c, shard = cfg.cam, parse_shard(args.shard)
+    workers = cfg.num_workers if args.workers is None else args.workers
     splits = [args.split] if args.split else (["train", "test"] if args.overlays_only else ["train"])
     for split in splits:
         if args.overlays_only and not (Path(args.run) / "cams" / split).is_dir():
@@ -58,20 +50,20 @@ def run(args):
         stage = f"02_cam_{split}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "")
         with stage_timer(args.run, stage + ("_overlays" if args.overlays_only else "")):
             if not args.overlays_only:
-                device = resolve_device(cfg["device"])
+                device = resolve_device(cfg.device)
                 model_path = image_model_dir(args.run) / "model.pt"
                 model, meta = load_model(model_path, device)
                 stats = compute_split_cams(
-                    args.run, cfg["data"], split, model, meta, method=c["method"], batch_size=int(c["batch_size"]),
-                    tta_flip=bool(c["tta_flip"]), prob_floor=float(c["test_prob_floor"]), device=device, shard=shard,
-                    force=args.force, workers=workers, on_bad_image=cfg["on_bad_image"],
+                    args.run, cfg.data, split, model, meta, method=c.method, batch_size=c.batch_size,
+                    tta_flip=c.tta_flip, prob_floor=c.test_prob_floor, device=device, shard=shard,
+                    force=args.force, workers=workers, on_bad_image=cfg.on_bad_image,
                     signature={"model_sha1": file_sha1(model_path)})
                 print(f"cams {split}: {stats['computed']} computed, {stats['done_before']} done before, "
                       f"{stats['skipped']} skipped" + ("" if stats["complete"] else " (incomplete: other shards)"))
-            n = draw_split_overlays(args.run, cfg["data"], split, int(c["overlay_max_images"]),
-                                    int(c["overlay_size"]), int(c["overlay_top_k"]), shard,
+            n = draw_split_overlays(args.run, cfg.data, split, c.overlay_max_images,
+                                    c.overlay_size, c.overlay_top_k, shard,
                                     force=args.force or args.overlays_only, workers=workers)
-            page = write_overlay_index(args.run, cfg["data"])
+            page = write_overlay_index(args.run, cfg.data)
         print(f"overlays {split}: {n} drawn -> {page}")
 
 

@@ -10,15 +10,13 @@ whose two masks exist are skipped unless --force. Needs no earlier stage:
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from hpa.config import ConfigError, add_common_args, setup_run
-from hpa.io.errors import InputError
+from hpa.config import add_common_args, setup_run
 from hpa.io.layout import list_split
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.segmentation import merge_tables, segment_split, segmenter_settings
 from hpa.segment import available_segmenters
-from hpa.utils.log import setup_logging
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -27,7 +25,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     ap.add_argument("--split", choices=("train", "test"), default="train")
-    ap.add_argument("--segmenter", choices=available_segmenters(), default=None, help="default: config segment.segmenter")
+    ap.add_argument("--segmenter", choices=["auto"] + available_segmenters(), default=None,
+                    help="default: setting segment.segmenter (auto: hpacellseg when installed and given weights)")
     ap.add_argument("--nuclei-model", default=None, help="hpacellseg: local nuclei model file (never downloaded)")
     ap.add_argument("--cell-model", default=None, help="hpacellseg: local cell model file (never downloaded)")
     ap.add_argument("--device", default=None, help="cpu | cuda | auto (hpacellseg only; default: config device)")
@@ -36,16 +35,13 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="re-segment images whose masks exist")
     ap.add_argument("--merge", type=int, metavar="N", default=None, help="only merge the N shard tables into cells.csv")
     args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        run(args)
-    except (ConfigError, InputError, FileNotFoundError) as exc:  # bad settings or data: the message says what and where
-        sys.exit(f"03_segment: error: {exc}")
+    run_stage("03_segment", args.run, lambda: run(args))
 
 
 def run(args):
     overrides = list(args.overrides)
-    for key, value in (("segmenter", args.segmenter), ("nuclei_model", args.nuclei_model), ("cell_model", args.cell_model)):
+    for key, value in (("segmenter", args.segmenter), ("hpacellseg.nuclei_weights", args.nuclei_model),
+                       ("hpacellseg.cell_weights", args.cell_model)):
         if value is not None:
             overrides.append(f"segment.{key}={value}")
     if args.device is not None:
@@ -53,15 +49,15 @@ def run(args):
     cfg = setup_run(args.run, args.data, args.profile, args.config, overrides)
     out_dir = Path(args.run) / "masks" / args.split
     if args.merge:
-        merge_tables(out_dir, args.merge, list_split(cfg["data"], args.split)[0])
+        merge_tables(out_dir, args.merge, list_split(cfg.data, args.split)[0])
         return
     shard = parse_shard(args.shard)
-    name, kw = segmenter_settings(cfg["segment"], cfg["device"])
-    workers = cfg["num_workers"] if args.workers is None else args.workers
+    name, kw = segmenter_settings(cfg.segment, cfg.device)
+    workers = cfg.num_workers if args.workers is None else args.workers
     stage = f"03_segment_{args.split}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "")
     with stage_timer(args.run, stage):
-        segment_split(cfg["data"], args.split, out_dir, segmenter=name, segmenter_kw=kw, shard=shard,
-                      workers=workers, force=args.force, on_bad_image=cfg["on_bad_image"])
+        segment_split(cfg.data, args.split, out_dir, segmenter=name, segmenter_kw=kw, shard=shard,
+                      workers=workers, force=args.force, on_bad_image=cfg.on_bad_image)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import argparse
 from pathlib import Path
 
 from hpa.config import add_common_args, setup_run
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.pseudo_labels import build_cell_table_shard, make_pseudo_labels, merge_cell_tables
-from hpa.utils.log import setup_logging
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -36,13 +36,17 @@ def main(argv=None):
         ap.error("give --cycle 1|2 (or --shard i/N to build one shard of the cell table)")
     if shard[1] > 1 and args.merge:
         ap.error("--merge N joins the shards after they all ran: give it without --shard")
-    setup_logging()
+    run_stage("04_pseudo_label", args.run, lambda: run(args))
+
+
+def run(args):
+    shard = parse_shard(args.shard)
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    p = cfg["pseudo"]
+    p = cfg.pseudo
     if shard[1] > 1:
         with stage_timer(args.run, f"04_cell_table_train_shard{shard[0]}of{shard[1]}"):
-            path = build_cell_table_shard(args.run, cfg["data"], "train", shard, p["topk_frac"], p["work_size"],
-                                          force=args.force, view=bool(p["cell_view"]))
+            path = build_cell_table_shard(args.run, cfg.data, "train", shard, p.topk_frac, p.work_size,
+                                          force=args.force, view=p.cell_view)
         print(f"cell table shard: {path}")
         return
     out = Path(args.run) / f"cycle{args.cycle}" / "pseudo_labels.parquet"
@@ -51,8 +55,8 @@ def main(argv=None):
         return
     with stage_timer(args.run, f"04_pseudo_label_cycle{args.cycle}"):
         if args.merge:
-            merge_cell_tables(args.run, cfg["data"], "train", args.merge)
-        make_pseudo_labels(args.run, cfg["data"], args.cycle, p, force=args.force and not args.merge)
+            merge_cell_tables(args.run, cfg.data, "train", args.merge)
+        make_pseudo_labels(args.run, cfg.data, args.cycle, p, force=args.force and not args.merge)
 
 
 if __name__ == "__main__":

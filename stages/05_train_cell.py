@@ -16,16 +16,14 @@ Multi-GPU: torchrun --nproc_per_node N stages/05_train_cell.py -- --run RUN --cy
 """
 
 import argparse
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from hpa.config import ConfigError, add_common_args, resolve_device, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.engine.distributed import init_distributed, is_main_process
 from hpa.eval.gt import has_gt
-from hpa.io.errors import InputError
 from hpa.pipeline.cell_model import outputs, train_cell_stage
-from hpa.utils.log import setup_logging
+from hpa.pipeline.cli import run_stage
 from hpa.utils.timing import stage_timer
 
 
@@ -39,20 +37,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cycle is None and not args.oracle:
         ap.error("give --cycle 1|2, or --oracle")
-    setup_logging()
-    try:
-        run(args)
-    except (ConfigError, InputError, FileNotFoundError) as exc:  # the message says what and where
-        sys.exit(f"05_train_cell: error: {exc}")
+    run_stage("05_train_cell", args.run, lambda: run(args))
 
 
 def run(args):
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     init_distributed(device)
     name = "oracle" if args.oracle else f"cycle{args.cycle}"
-    if args.oracle and not has_gt(cfg["data"]):  # real data: no truth, no upper bound; the report says so
-        print(f"oracle skipped: {Path(cfg['data']) / 'gt' / 'cell_labels.csv'} not found (the oracle needs true cell labels)")
+    if args.oracle and not has_gt(cfg.data):  # real data: no truth, no upper bound; the report says so
+        print(f"oracle skipped: {Path(cfg.data) / 'gt' / 'cell_labels.csv'} not found (the oracle needs true cell labels)")
         return
     wanted = outputs(args.run, args.cycle, args.oracle)
     if not (Path(args.run) / "masks" / "test").is_dir():

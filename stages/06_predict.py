@@ -17,9 +17,9 @@ and the submission:
 import argparse
 
 from hpa.config import add_common_args, setup_run
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.predict import predict_test
 from hpa.pipeline.pseudo_labels import build_cell_table_shard, merge_cell_tables
-from hpa.utils.log import setup_logging
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -35,18 +35,22 @@ def main(argv=None):
     shard = parse_shard(args.shard)
     if shard[1] > 1 and args.merge:
         ap.error("--merge N joins the shards after they all ran: give it without --shard")
-    setup_logging()
+    run_stage("06_predict", args.run, lambda: run(args))
+
+
+def run(args):
+    shard = parse_shard(args.shard)
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    p = cfg["pseudo"]
+    p = cfg.pseudo
     if shard[1] > 1:
         with stage_timer(args.run, f"06_cell_table_test_shard{shard[0]}of{shard[1]}"):
-            path = build_cell_table_shard(args.run, cfg["data"], "test", shard, p["topk_frac"], p["work_size"],
-                                          force=args.force, view=bool(p["cell_view"]))
+            path = build_cell_table_shard(args.run, cfg.data, "test", shard, p.topk_frac, p.work_size,
+                                          force=args.force, view=p.cell_view)
         print(f"cell table shard: {path}")
         return
     with stage_timer(args.run, "06_predict"):
         if args.merge:
-            merge_cell_tables(args.run, cfg["data"], "test", args.merge)
+            merge_cell_tables(args.run, cfg.data, "test", args.merge)
         _, sub = predict_test(args.run, cfg, force=args.force and not args.merge)
     print(f"submission: {sub}")
 

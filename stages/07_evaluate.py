@@ -12,8 +12,8 @@ from pathlib import Path
 
 from hpa.config import add_common_args, setup_run
 from hpa.eval.report import summary_table
+from hpa.pipeline.cli import run_stage
 from hpa.pipeline.evaluate import build_report, write_report
-from hpa.utils.log import setup_logging
 
 
 def main(argv=None):
@@ -23,7 +23,10 @@ def main(argv=None):
                     help="oid: as the competition (predictions of classes absent from the image are ignored); "
                          "strict: they count as false positives")
     args = ap.parse_args(argv)
-    setup_logging()
+    run_stage("07_evaluate", args.run, lambda: run(args))
+
+
+def run(args):
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
     report = build_report(args.run, cfg, args.mode)
     write_report(args.run, report)

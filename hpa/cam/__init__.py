@@ -1,0 +1,1 @@
+"""Class activation maps: methods (exact CAM, grad-cam's), the maps' normalisation and storage, overlays."""

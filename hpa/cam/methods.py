@@ -1,4 +1,4 @@
-"""Class activation maps (CAMs): methods by name, batched computation, storage, upsampling.
+"""Class activation maps (CAMs): methods by name and their batched computation (maps: :mod:`hpa.cam.maps`).
 
 Methods (:func:`available_methods`):
 
@@ -25,20 +25,6 @@ and gradients, per class with one explicit target per image, inside a context th
 releases grad-cam's hooks (it leaks memory otherwise) without swallowing errors (its
 ``__exit__`` swallows ``IndexError``); the count of maps is asserted. One forward pass
 serves all classes; each class costs one backward pass through the head only.
-
-Normalisation (:func:`normalize_cams`), documented once for every later stage: raw map
--> ReLU -> divided by its own maximum (per image and class) -> float32 in [0, 1]; a map
-with no positive value stays 0. Optionally times the image-level probability of the class.
-
-Storage (:func:`save_cam`, :func:`load_cam`): one ``.npz`` per image with the raw maps of
-the selected classes as float16 at feature-map resolution ``(K_sel, h, w)``, their class
-indices, and the image's 19 probabilities, logits and head biases.
-
-Geometry (:func:`upsample_cam`): the model saw the whole field resized (squashed when not
-square) to ``S x S``; feature cell ``(i, j)`` of an ``h x w`` grid covers rows
-``[i H / h, (i + 1) H / h)`` and columns ``[j W / w, (j + 1) W / w)`` of the original
-``H x W`` field. Bilinear upsampling with half-pixel centres maps each cell's value to the
-centre of that box, independently in y and x, so non-square fields come out right.
 """
 
 from __future__ import annotations

@@ -31,17 +31,16 @@ import hashlib
 import json
 import logging
 import os
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from hpa.cells.table import cell_geometry
 from hpa.io.fields import read_field, read_mask, to_uint8
 from hpa.utils.fs import new_memmap, write_json, write_parquet
+from hpa.utils.parallel import map_jobs
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +151,6 @@ def _crop_job(args) -> str:
     return image_id
 
 
-def _map(fn, jobs: list, workers: int, desc: str):
-    """Yield ``fn(job)`` for every job (in any order with a pool), with a progress bar."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
-    try:
-        if workers <= 0 or len(jobs) <= 1:
-            for job in jobs:
-                yield fn(job)
-                bar.update()
-        else:
-            # spawn: workers never inherit the parent's torch/OpenMP thread state
-            with get_context("spawn").Pool(workers) as pool:
-                for res in pool.imap_unordered(fn, jobs, chunksize=1):
-                    yield res
-                    bar.update()
-    finally:
-        bar.close()
-
-
 def _settings(ids: list[str], crop_size: int, margin: float, outside: str, dim_factor: float) -> dict:
     digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()
     return {"crop_size": int(crop_size), "margin": float(margin), "outside": outside,
@@ -242,7 +223,8 @@ def build_crop_cache(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
     else:
         for key in ("npy", "parquet", "tmp_npy", "tmp_index", "progress"):
             p[key].unlink(missing_ok=True)
-        geos = dict(_map(_geometry_job, [(masks_dir, i) for i in ids], workers, f"cell geometry {split}"))
+        geos = dict(map_jobs(_geometry_job, [(masks_dir, i) for i in ids], workers, desc=f"cell geometry {split}",
+                             ordered=False))
         frames = [geos[i] for i in ids if len(geos[i])]
         index = (pd.concat(frames, ignore_index=True) if frames
                  else pd.DataFrame({c: pd.Series(dtype="int64") for c in INDEX_COLS}).assign(ID=pd.Series(dtype=str)))
@@ -268,7 +250,7 @@ def build_crop_cache(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
         jobs.append((data_split, masks_dir, image_id, (lo, hi), geo, p["tmp_npy"], shape, crop_size, margin, outside,
                      dim_factor))
     with open(p["progress"], "a") as progress:
-        for image_id in _map(_crop_job, jobs, workers, f"cell crops {split}"):
+        for image_id in map_jobs(_crop_job, jobs, workers, desc=f"cell crops {split}", ordered=False):
             progress.write(image_id + "\n")
             progress.flush()
     os.replace(p["tmp_npy"], p["npy"])

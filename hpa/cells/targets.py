@@ -21,7 +21,6 @@ from hpa.io.fields import read_mask
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- labels
 def soft_targets(classes: Sequence[Sequence[int]]) -> np.ndarray:
     """float32 ``(N, 19)``: row i spreads 1 uniformly over ``classes[i]`` (one class -> one-hot)."""
     out = np.zeros((len(classes), NUM_CLASSES), np.float32)

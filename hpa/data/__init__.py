@@ -1,0 +1,1 @@
+"""Training data: folds, the resized field cache and datasets over it, batch augmentation."""

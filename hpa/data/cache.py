@@ -1,4 +1,4 @@
-"""Image folds, the resized uint8 field cache, datasets over it, and normalisation statistics.
+"""The resized uint8 field cache, datasets over it, and normalisation statistics (folds: :mod:`hpa.data.splits`).
 
 The cache: every field of a split is decoded ONCE, resized to ``S x S`` and stored as
 uint8 in one memory-mapped ``.npy`` of shape ``(N, 4, S, S)`` (red, green, blue, yellow),
@@ -8,9 +8,6 @@ Building is atomic and resumable: rows are written into ``NAME.partial.npy`` wit
 ``NAME.done.npy`` row bitmap saved every few images; an interrupted build continues
 where it stopped, and the complete file is renamed to ``NAME.npy`` at the end. Only the
 images being decoded are ever held at full size in memory.
-
-Folds: multi-label iterative stratification (Sechidis et al. 2011, package
-``iterative-stratification``) so that every fold sees the rare classes.
 """
 
 from __future__ import annotations
@@ -19,18 +16,17 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpa.constants import NUM_CLASSES
 from hpa.io.errors import InputError
 from hpa.io.fields import read_field, resize_field, to_uint8
 from hpa.utils.fs import atomic_path, new_memmap, write_json
+from hpa.utils.parallel import map_jobs
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +128,8 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
     todo = [(i, str(folder), ids[i], size) for i in np.flatnonzero(~done)]
     if todo:
         log.info("decoding %d fields of %s into %s (%d px, %d workers)", len(todo), folder, out_path, size, workers)
-    bar = tqdm(total=len(todo), desc=f"cache {split}", unit="img", mininterval=2.0,
-               disable=not (todo and progress))
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    results = map_jobs(_load_field, todo, workers, desc=f"cache {split}", ordered=False, progress=progress)
     try:
-        results = pool.map(_load_field, todo, chunksize=4) if pool else map(_load_field, todo)
         for n, (i, field, err) in enumerate(results, 1):
             if err is not None:
                 if on_bad_image == "error":
@@ -146,15 +139,12 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
             else:
                 arr[i] = field
             done[i] = True
-            bar.update(1)
             if n % flush_every == 0:
                 save_progress()
     finally:
-        bar.close()
-        if pool:
-            pool.shutdown(cancel_futures=True)
+        results.close()  # stops the pool at once when the loop ends early (an error, an interrupt)
         save_progress()
-    del arr
+    arr = None  # the memory map is released before the file is renamed
     os.replace(partial, out_path)
     write_json(side, {**meta, "ids": ids, "bad_ids": bad})
     for p in (done_path, partial.with_suffix(".json"), bad_path):

@@ -18,7 +18,6 @@ from hpa.utils.fs import write_csv
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- folds
 def make_folds(labels: np.ndarray, n_folds: int = 5, seed: int = 0) -> np.ndarray:
     """Multi-label stratified fold of every image.
 

@@ -13,7 +13,6 @@ from hpa.constants import CLASS_NAMES
 from hpa.utils.fs import atomic_path
 
 
-# --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
     """``torch.save`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -8,7 +8,6 @@ import os
 import torch
 
 
-# --------------------------------------------------------------------------- distributed
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 

@@ -11,7 +11,6 @@ from tqdm import tqdm
 from hpa.engine.amp import amp_dtype, autocast, prepare_batch
 
 
-# --------------------------------------------------------------------------- prediction
 @torch.no_grad()
 def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: str = "cpu", tta_flip: bool = False,
             num_workers: int = 0, amp: str = "auto", progress: bool = False) -> np.ndarray:

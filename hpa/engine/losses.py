@@ -9,10 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
 
 TASKS = ("multilabel", "multiclass")
-
-
 LOSSES = {"multilabel": ("bce", "focal"), "multiclass": ("ce",)}
 
 
@@ -43,11 +42,10 @@ def make_loss(task: str, loss: str, label_smoothing: float = 0.0, class_weights:
         target = target.float()
         if label_smoothing:
             target = target * (1 - label_smoothing) + 0.5 * label_smoothing
-        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        if loss == "focal":
-            p = torch.sigmoid(logits)
-            pt = p * target + (1 - p) * (1 - target)
-            per = per * (1 - pt).pow(focal_gamma)
+        if loss == "focal":  # torchvision's sigmoid focal loss; alpha=-1: no positive/negative weighting
+            per = sigmoid_focal_loss(logits, target, alpha=-1, gamma=focal_gamma, reduction="none")
+        else:
+            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         if cw is not None:
             per = per * cw.to(logits.device)
         return per.mean()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 
-# --------------------------------------------------------------------------- metrics
 def tune_thresholds(probs: np.ndarray, targets: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
     """Per-class threshold (K,) maximising F1 on ``(probs, targets)`` (0.5 for classes without positives)."""
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2) if grid is None else grid

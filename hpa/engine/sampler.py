@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 
-# --------------------------------------------------------------------------- sampling
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's indices for one epoch, a pure function of ``(seed, epoch)``.
 

@@ -1,4 +1,14 @@
 """Learning-rate schedule (linear warm-up, cosine decay) and AdamW parameter groups.
+
+Both are kept here rather than taken from a library, on purpose:
+
+- torch's ``SequentialLR(LinearLR, CosineAnnealingLR)`` gives the same curve, but as a stateful
+  object whose cosine part is computed recursively from the previous rate; :func:`lr_at` is a pure
+  function of the optimizer step, so a resumed run gets bit-identical rates from the step alone
+  (``last.pt`` stores the step) and the rate can be read off for any step (the metrics' ``lr``).
+- torch has no helper for "no weight decay on biases and norm layers"; timm's
+  ``param_groups_weight_decay`` does the same as :func:`param_groups`, but timm is not a
+  dependency for ten lines.
 """
 
 from __future__ import annotations
@@ -8,7 +18,6 @@ import math
 from torch import nn
 
 
-# --------------------------------------------------------------------------- losses, schedule
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float = 0.01) -> float:
     """Learning rate after ``step`` optimizer steps: linear warm-up to ``peak``, cosine to ``floor * peak``."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -19,6 +28,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and filters, none on biases and norm layers (ndim <= 1)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -1,4 +1,4 @@
-"""Reading HPA fields of view, label tables and instance masks.
+"""Reading and writing HPA fields of view and instance masks (label tables: :mod:`hpa.io.layout`).
 
 A *field* is one microscope field of view stored as four single-channel images
 ``{ID}_red.png``, ``{ID}_green.png``, ``{ID}_blue.png``, ``{ID}_yellow.png``

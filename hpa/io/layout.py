@@ -15,7 +15,6 @@ from hpa.io.errors import InputError
 from hpa.io.fields import channel_paths
 
 
-# --------------------------------------------------------------------------- labels
 def parse_label_string(text, where: str) -> list[int]:
     """Parse ``"0|5|16"`` into ``[0, 5, 16]``; ``where`` names the file and row for errors."""
     if text is None or (isinstance(text, float) and np.isnan(text)):

@@ -305,7 +305,7 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-# --------------------------------------------------------------------------- model
+# --------------------------------------------------------------------------- the cell model
 def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout: float | None = None,
                                 output_stride: int | None = None, bn_momentum: float | None = None,
                                 seed: int = 0, drop_connect: float | None = None) -> nn.Module:

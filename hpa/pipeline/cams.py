@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from hpa.constants import PROB_COLS
 from hpa.io.errors import InputError
 from hpa.io.layout import list_split, usable_images
 from hpa.utils.fs import write_csv, write_json, write_text
+from hpa.utils.parallel import map_jobs
 from hpa.utils.shards import select_shard
 
 log = logging.getLogger(__name__)
@@ -234,15 +234,8 @@ def draw_split_overlays(run: str | os.PathLike, data_dir: str | os.PathLike, spl
                          str(target), label_of.get(i), int(panel_size), int(top_k)))
     if not jobs:
         return 0
-    bar = tqdm(total=len(jobs), desc=f"overlays {split}", unit="img", mininterval=2.0, disable=not progress)
-    pool = ProcessPoolExecutor(workers) if workers > 0 and len(jobs) > 1 else None
-    try:
-        for _ in (pool.map(_overlay_job, jobs, chunksize=2) if pool else map(_overlay_job, jobs)):
-            bar.update(1)
-    finally:
-        bar.close()
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    for _ in map_jobs(_overlay_job, jobs, workers, desc=f"overlays {split}", ordered=False, progress=progress):
+        pass
     log.info("drew %d overlays in %s", len(jobs), out)
     return len(jobs)
 

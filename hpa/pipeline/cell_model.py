@@ -33,6 +33,7 @@ from torch import nn
 
 from hpa.cells.crops import build_crop_cache
 from hpa.cells.targets import attach_targets, balanced_sample_weights, oracle_cell_labels, read_pseudo_labels
+from hpa.config import CellModelSettings, Settings
 from hpa.constants import NUM_CLASSES, PROB_COLS
 from hpa.io.errors import InputError
 from hpa.models.factory import cell_model_from_image_model
@@ -88,13 +89,6 @@ class _Rows(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- stage 05
-#: Keys of the ``cell_model`` config section that :func:`train_cell_stage` understands.
-SETTINGS = ("cycle2_init", "crop_size", "margin", "outside", "dim_factor", "output_stride", "epochs", "batch_size", "lr",
-            "weight_decay", "warmup_epochs", "label_smoothing", "balance_power", "samples_per_epoch",
-            "aug_intensity", "dropout", "bn_momentum", "drop_connect", "tta_flip", "predict_batch_size", "loader_workers", "amp",
-            "channels_last", "accumulate", "grad_clip")
-
-
 def stage_dir(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> Path:
     """``RUN/cycle{k}`` or ``RUN/oracle``: where a cell model and its probabilities go."""
     if oracle:
@@ -113,24 +107,25 @@ def outputs(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> 
     return out
 
 
-def split_cache(run: Path, data_dir: Path, split: str, s: dict, workers: int) -> tuple[np.ndarray, pd.DataFrame]:
+def split_cache(run: Path, data_dir: Path, split: str, s: CellModelSettings,
+                workers: int) -> tuple[np.ndarray, pd.DataFrame]:
     """The crop cache of every usable image of ``split`` (``RUN/cell_cache/``), built or reused."""
     from hpa.io.layout import list_split
     from hpa.pipeline.pseudo_labels import usable_ids
 
     ids = usable_ids(run, split, list_split(data_dir, split)[0])
-    return build_crop_cache(data_dir, run / "masks" / split, split, ids, int(s["crop_size"]), float(s["margin"]),
-                            s["outside"], float(s["dim_factor"]), run / "cell_cache", workers)
+    return build_crop_cache(data_dir, run / "masks" / split, split, ids, s.crop_size, s.margin, s.outside,
+                            s.dim_factor, run / "cell_cache", workers)
 
 
-def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None, oracle: bool = False, *,
+def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = None, oracle: bool = False, *,
                      device: str = "cpu", force: bool = False, progress: bool = True) -> dict[str, Path]:
     """Stage 05: train (or resume, or reuse) a cell model and predict every train/test cell.
 
     Args:
         run: run directory (reads ``masks/``, ``image_model/model.pt``, ``splits.csv``,
             ``cycle{k}/pseudo_labels.parquet``; oracle: ``DATA/gt``).
-        cfg: the whole resolved config (``cell_model``, ``data``, ``seed``, ``num_workers``,
+        cfg: the run's settings (``cell_model``, ``data``, ``seed``, ``num_workers``,
             ``image_model.val_fold``).
         cycle: 1 or 2 (ignored with ``oracle``).
         oracle: train on true cell labels moved onto our cells (upper bound) -> ``RUN/oracle/``.
@@ -139,97 +134,101 @@ def train_cell_stage(run: str | os.PathLike, cfg: dict, cycle: int | None = None
         the paths written (see :func:`outputs`); test probabilities are skipped (absent from the
         dict) when ``RUN/masks/test`` does not exist.
     """
-    from hpa.config import ConfigError
+    from hpa.data.augment import BatchAugment
     from hpa.data.cache import FieldDataset
-    from hpa.engine.checkpoint import load_model
     from hpa.engine.distributed import barrier, init_distributed, is_main_process
-    from hpa.engine.trainer import fit
+    from hpa.engine.trainer import TrainSettings, fit
 
-    s = dict(cfg["cell_model"])
-    unknown = sorted(set(s) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"unknown cell_model setting(s) {unknown}; valid: {list(SETTINGS)}")
-    run, data_dir = Path(run), Path(cfg["data"])
-    seed, workers = int(cfg["seed"]), int(cfg["num_workers"])
+    s = cfg.cell_model
+    run, data_dir = Path(run), Path(cfg.data)
     out = outputs(run, cycle, oracle)
     model_dir = out["model"].parent
-    has_test = (run / "masks" / "test").is_dir()
     init_distributed(device)
-
     if is_main_process():  # rank 0 builds the caches while the others wait
-        split_cache(run, data_dir, "train", s, workers)
+        split_cache(run, data_dir, "train", s, cfg.num_workers)
     barrier()
     crops, index = split_cache(run, data_dir, "train", s, 0)
+    rows, targets, weights, tr, va = _training_cells(run, data_dir, index, cycle, oracle, cfg.image_model.val_fold)
+    log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
+             model_dir, len(rows), len(tr), len(va), len(index),
+             np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
+    model, image_meta = _initial_model(run, s, cycle, oracle, cfg.seed)
+    npy = run / "cell_cache" / f"train_{s.crop_size}.npy"
+    val_rows = rows[va]
+    fit(model, FieldDataset(npy, rows[tr], targets[tr]),
+        FieldDataset(npy, val_rows, targets[va]) if len(va) else None, model_dir,
+        TrainSettings.of(s, task="multiclass", num_workers=s.loader_workers, seed=cfg.seed), device=device,
+        sample_weights=balanced_sample_weights(targets[tr], weights[tr], s.balance_power),
+        mean=image_meta["mean"], std=image_meta["std"],
+        augment=BatchAugment(flips=True, rot90=True, intensity=s.aug_intensity),
+        val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
+        extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
+                    "crop_size": s.crop_size, "margin": s.margin, "outside": s.outside, "dim_factor": s.dim_factor,
+                    "image_model": str(run / "image_model" / "model.pt"), "n_train": int(len(tr)),
+                    "n_val": int(len(va)), "seed": cfg.seed},
+        force=force, progress=progress)
+    if len(va) == 0:
+        log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
+    written = {"model": out["model"]}
+    if is_main_process():
+        written.update(_predict_splits(run, data_dir, s, out, (crops, index), oracle, cfg.num_workers, device, force))
+    barrier()
+    return written
+
+
+def _training_cells(run: Path, data_dir: Path, index: pd.DataFrame, cycle: int | None, oracle: bool,
+                    val_fold: int) -> tuple[np.ndarray, ...]:
+    """Cache rows, targets and weights of the labelled cells, and which of them train / validate."""
     if oracle:
         labels = oracle_cell_labels(data_dir, run / "masks" / "train", list(dict.fromkeys(index["ID"])))
     else:
         labels = read_pseudo_labels(stage_dir(run, cycle) / "pseudo_labels.parquet")
     rows, targets, weights = attach_targets(index, labels)
-    val_ids = read_val_ids(run, int(cfg["image_model"]["val_fold"]))
-    is_val = index["ID"].to_numpy()[rows].astype(str)
-    is_val = np.isin(is_val, list(val_ids))
+    is_val = np.isin(index["ID"].to_numpy()[rows].astype(str), list(read_val_ids(run, val_fold)))
     tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(tr) == 0:
         raise InputError(f"no labelled cells in the training images ({len(labels)} labels, {len(va)} in validation)")
-    log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
-             model_dir, len(rows), len(tr), len(va), len(index),
-             np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
+    return rows, targets, weights, tr, va
+
+
+def _initial_model(run: Path, s: CellModelSettings, cycle: int | None, oracle: bool, seed: int) -> tuple[nn.Module, dict]:
+    """The cell model before training (from the image model, or cycle 1's with ``cycle2_init=cycle1``) and the
+    image model's meta (normalisation)."""
+    from hpa.engine.checkpoint import load_model
 
     image_model, image_meta = load_model(run / "image_model" / "model.pt")
     if image_meta.get("mean") is None:
         raise InputError(f"{run / 'image_model' / 'model.pt'} has no normalisation mean/std in its meta")
-    model = cell_model_from_image_model(image_model, int(s["crop_size"]), s.get("dropout"), s.get("output_stride"),
-                                        s.get("bn_momentum"), seed, s.get("drop_connect"))
-    del image_model
-    if not oracle and cycle == 2 and s.get("cycle2_init", "image") == "cycle1":
+    model = cell_model_from_image_model(image_model, s.crop_size, s.dropout, s.output_stride, s.bn_momentum, seed,
+                                        s.drop_connect)
+    if not oracle and cycle == 2 and s.cycle2_init == "cycle1":
         prev = stage_dir(run, 1) / "cell_model" / "model.pt"
         if not prev.is_file():
-            raise InputError(f"{prev} not found: cell_model.cycle2_init=cycle1 needs the cycle-1 cell model (stage 05 --cycle 1)")
-        prev_model, _ = load_model(prev)
-        model.load_state_dict(prev_model.state_dict(), strict=True)
+            raise InputError(f"{prev} not found: cell_model.cycle2_init=cycle1 needs the cycle-1 cell model "
+                             "(stage 05 --cycle 1)")
+        model.load_state_dict(load_model(prev)[0].state_dict(), strict=True)
         log.info("cycle 2 starts from the cycle-1 cell model %s", prev)
-        del prev_model
-    elif s.get("cycle2_init", "image") not in ("image", "cycle1"):
-        raise ConfigError(f"cell_model.cycle2_init must be 'image' or 'cycle1', got {s.get('cycle2_init')!r}")
-    from hpa.data.augment import BatchAugment
+    return model, image_meta
 
-    npy = run / "cell_cache" / f"train_{int(s['crop_size'])}.npy"
-    power = float(s["balance_power"])
-    sample_weights = balanced_sample_weights(targets[tr], weights[tr], power)
-    val_rows = rows[va]
-    fit(model, FieldDataset(npy, rows[tr], targets[tr]),
-        FieldDataset(npy, val_rows, targets[va]) if len(va) else None, model_dir,
-        task="multiclass", loss="ce", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
-        weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]),
-        label_smoothing=float(s["label_smoothing"]), sample_weights=sample_weights,
-        samples_per_epoch=s.get("samples_per_epoch"), mean=image_meta["mean"], std=image_meta["std"],
-        augment=BatchAugment(flips=True, rot90=True, intensity=float(s["aug_intensity"])), amp=s["amp"],
-        channels_last=bool(s["channels_last"]), accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"),
-        num_workers=int(s["loader_workers"]), seed=seed, device=device, force=force, progress=progress,
-        val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
-        extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
-                    "crop_size": int(s["crop_size"]), "margin": float(s["margin"]), "outside": s["outside"],
-                    "dim_factor": float(s["dim_factor"]), "image_model": str(run / "image_model" / "model.pt"),
-                    "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed})
-    if len(va) == 0:
-        log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
-    written = {"model": out["model"]}
-    if is_main_process():
-        model, meta = load_model(out["model"], device)
-        splits = (["train"] if not oracle else []) + (["test"] if has_test else [])
-        if not has_test:
-            log.info("%s does not exist: no test-cell probabilities (run stage 03 on the test split)",
-                     run / "masks" / "test")
-        for split in splits:
-            path = out[f"probs_{split}"]
-            if path.is_file() and not force and path.stat().st_mtime >= out["model"].stat().st_mtime:
-                log.info("%s is up to date; skipping (force retrains and re-predicts)", path)
-            else:
-                crops, index = split_cache(run, data_dir, split, s, workers) if split == "test" else (crops, index)
-                probs = predict_cells(model, meta, crops, index, int(s["predict_batch_size"]), device,
-                                      bool(s["tta_flip"]), s["amp"])
-                write_parquet(path, probs)
-                log.info("wrote %s (%d cells of %d images)", path, len(probs), probs["ID"].nunique())
-            written[f"probs_{split}"] = path
-    barrier()
+
+def _predict_splits(run: Path, data_dir: Path, s: CellModelSettings, out: dict, train_cache: tuple, oracle: bool,
+                    workers: int, device: str, force: bool) -> dict[str, Path]:
+    """``cell_probs_{train,test}.parquet`` of the trained model (kept when newer than the model)."""
+    from hpa.engine.checkpoint import load_model
+
+    model, meta = load_model(out["model"], device)
+    has_test = (run / "masks" / "test").is_dir()
+    if not has_test:
+        log.info("%s does not exist: no test-cell probabilities (run stage 03 on the test split)", run / "masks" / "test")
+    written = {}
+    for split in (["train"] if not oracle else []) + (["test"] if has_test else []):
+        path = out[f"probs_{split}"]
+        if path.is_file() and not force and path.stat().st_mtime >= out["model"].stat().st_mtime:
+            log.info("%s is up to date; skipping (force retrains and re-predicts)", path)
+        else:
+            crops, index = split_cache(run, data_dir, split, s, workers) if split == "test" else train_cache
+            probs = predict_cells(model, meta, crops, index, s.predict_batch_size, device, s.tta_flip, s.amp)
+            write_parquet(path, probs)
+            log.info("wrote %s (%d cells of %d images)", path, len(probs), probs["ID"].nunique())
+        written[f"probs_{split}"] = path
     return written

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hpa.config import Settings
 from hpa.eval import gt as gtmod
 from hpa.eval.benchmark import score_methods, segmentation_quality, step_gains
 from hpa.eval.report import NEEDS_GT, plot_ap, render_markdown
@@ -20,11 +21,11 @@ from hpa.utils.timing import read_timings
 log = logging.getLogger(__name__)
 
 
-def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
+def build_report(run: str | Path, cfg: Settings, mode: str = "oid") -> dict:
     """Score every method and gather diagnostics and timings into one dict (also written to disk)."""
-    run, data_dir = Path(run), Path(cfg["data"])
-    report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.get("profile"), "mode": mode,
-                    "combine": cfg["predict"]["combine"]}
+    run, data_dir = Path(run), Path(cfg.data)
+    report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.profile, "mode": mode,
+                    "combine": cfg.predict.combine}
     for k in (1, 2):
         p = run / f"cycle{k}" / "pseudo_report.json"
         if p.is_file():
@@ -36,20 +37,20 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
         report["scored"] = False
         report["not_run"] = {what: f"{data_dir / 'gt' / 'cell_labels.csv'} not found" for what in NEEDS_GT}
         return report
-    sc = cfg["pseudo"]
-    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], view=bool(sc.get("cell_view", True)))
+    sc = cfg.pseudo
+    table = cell_table(run, data_dir, "test", sc.topk_frac, sc.work_size, view=sc.cell_view)
     ids = list(dict.fromkeys(table["ID"]))
     report["segmentation"] = segmentation_quality(run, data_dir, ids)
-    p = cfg["predict"]
+    p = cfg.predict
     confs = {}
     for m in METHODS:
-        c = method_confidences(run, table, m, p, sc["score"])
+        c = method_confidences(run, table, m, p, sc.score)
         if c is None:
             log.warning("no %s predictions in %s: row left out of the report", m, run)
         else:
             confs[m] = c
-    n_boot = int(cfg.get("evaluate", {}).get("bootstrap", 0) or 0)
-    report["methods"] = score_methods(run, data_dir, table, confs, mode, n_boot, int(cfg.get("seed", 0)))
+    n_boot = cfg.evaluate.bootstrap
+    report["methods"] = score_methods(run, data_dir, table, confs, mode, n_boot, cfg.seed)
     if n_boot:
         report["bootstrap"] = {"resamples": n_boot, "unit": "test image"}
         report["steps"] = step_gains(report["methods"])
@@ -61,7 +62,7 @@ def build_report(run: str | Path, cfg: dict, mode: str = "oid") -> dict:
     except FileNotFoundError:
         fm = None
     if fm:  # ablations of the combination rule on the submitted cell model
-        variants = {f"{fm} {c} / negative={n} / penalty={pen}": method_confidences(run, table, fm, p, sc["score"], c, n, pen)
+        variants = {f"{fm} {c} / negative={n} / penalty={pen}": method_confidences(run, table, fm, p, sc.score, c, n, pen)
                     for c in ("product", "mean", "cell") for n in ("max", "min_complement") for pen in (True, False)}
         report["ablations"] = {k: v["mAP"] for k, v in score_methods(run, data_dir, table, variants, mode).items()}
         report["submitted"] = fm

@@ -23,28 +23,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hpa.config import ConfigError
+from hpa.config import ConfigError, ImageModelSettings
 from hpa.constants import NUM_CLASSES
 from hpa.data.augment import BatchAugment
 from hpa.data.cache import FieldDataset, build_field_cache, cache_bad_ids, cache_path, channel_stats
 from hpa.data.splits import load_or_make_splits
 from hpa.engine.distributed import barrier, init_distributed
 from hpa.engine.losses import init_head_bias
-from hpa.engine.trainer import fit
+from hpa.engine.trainer import TrainSettings, fit
 from hpa.io.errors import InputError
 from hpa.io.layout import list_split, usable_images
-from hpa.models.factory import available_models, build_model
+from hpa.models.factory import build_model
 from hpa.utils.fs import write_csv
 
 log = logging.getLogger(__name__)
-
-#: Keys of the ``image_model`` config section that :func:`train_image_model` understands.
-SETTINGS = ("arch", "pretrained", "image_size", "train_crop", "output_stride", "epochs", "samples_per_epoch",
-            "batch_size", "lr", "weight_decay", "warmup_epochs", "loss", "focal_gamma", "amp", "channels_last",
-            "accumulate", "folds", "val_fold", "aug_crop_scale", "aug_intensity", "dropout", "bn_momentum",
-            "zero_init_residual", "input_norm", "balance_power", "grad_clip", "val_every", "drop_connect",
-            "loader_workers")
-
 
 def image_model_dir(run: str | os.PathLike) -> Path:
     """``RUN/image_model``: where stage 01 writes and later stages read ``model.pt``."""
@@ -63,7 +55,7 @@ def balanced_image_weights(labels: np.ndarray, power: float) -> np.ndarray | Non
     return np.where(w > 0, w, counts.min() ** -float(power))
 
 
-def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, settings: dict, *, seed: int = 0,
+def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: ImageModelSettings, *, seed: int = 0,
                       device: str = "cpu", num_workers: int = 0, on_bad_image: str = "error",
                       force: bool = False, progress: bool = True) -> list[dict]:
     """Train (or resume, or skip when finished) the image model of ``run`` on ``data_dir``'s train split.
@@ -71,20 +63,14 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     Args:
         run: run directory; outputs go to ``RUN/splits.csv``, ``RUN/cache/``, ``RUN/image_model/``.
         data_dir: Kaggle-layout folder with ``train.csv`` and ``train/``.
-        settings: the ``image_model`` config section (keys :data:`SETTINGS`).
+        s: the ``image_model`` settings section.
         seed: folds, initialisation, sampling and augmentation.
         device: ``cpu`` / ``cuda`` (``auto`` already resolved). num_workers: cache decoding
-            processes and DataLoader workers. on_bad_image: ``error`` | ``skip`` (skipped images
-            are listed in ``RUN/image_model/skipped.csv``). force: retrain from scratch.
+            processes and DataLoader workers (unless ``s.loader_workers``). on_bad_image: ``error`` |
+            ``skip`` (skipped images are listed in ``RUN/image_model/skipped.csv``). force: retrain.
     Returns:
         the per-epoch history of :func:`hpa.engine.trainer.fit`.
     """
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"unknown image_model setting(s) {unknown}; valid: {list(SETTINGS)}")
-    s = dict(settings)
-    if s["arch"] not in available_models():
-        raise ConfigError(f"unknown model {s['arch']!r}; available models: {', '.join(available_models())}")
     run, data_dir = Path(run), Path(data_dir)
     rank, world = init_distributed(device)
     ids, labels = list_split(data_dir, "train")
@@ -92,14 +78,14 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     if not folder.is_dir():
         raise InputError(f"{data_dir}: train.csv lists {len(ids)} images but the folder {folder} does not exist")
     ids_ok, bad = usable_images(folder, ids, on_bad_image)
-    size = int(s["image_size"])
+    size = s.image_size
     cpath = cache_path(run, "train", size)
     if rank == 0:
-        load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
+        load_or_make_splits(run / "splits.csv", ids, labels, s.folds, seed)
         build_field_cache(data_dir, "train", ids_ok, size, cpath,
                           workers=num_workers, on_bad_image=on_bad_image, progress=progress)
     barrier()
-    folds = load_or_make_splits(run / "splits.csv", ids, labels, int(s["folds"]), seed)
+    folds = load_or_make_splits(run / "splits.csv", ids, labels, s.folds, seed)
     keep = np.isin(ids, ids_ok)
     ids, labels, folds = [i for i, k in zip(ids, keep) if k], labels[keep], folds[keep]
     cache = np.load(cpath, mmap_mode="r")
@@ -110,40 +96,30 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     if bad and rank == 0:
         log.warning("%d training image(s) left out (on_bad_image=skip): see %s", len(bad), out_dir / "skipped.csv")
         write_csv(out_dir / "skipped.csv", pd.DataFrame({"ID": list(bad), "reason": list(bad.values())}))
-    val_fold = int(s["val_fold"])
-    if not 0 <= val_fold < int(s["folds"]):
-        raise ConfigError(f"val_fold must lie in 0..{int(s['folds']) - 1}, got {val_fold}")
-    tr, va = rows[good & (folds != val_fold)], rows[good & (folds == val_fold)]
+    tr, va = rows[good & (folds != s.val_fold)], rows[good & (folds == s.val_fold)]
     if len(tr) == 0 or len(va) == 0:
         raise InputError(f"{len(tr)} training and {len(va)} validation images: need at least one of each")
     mean, std = channel_stats(cache, tr)
-    log.info("%d training, %d validation images (fold %d); channel mean %s std %s", len(tr), len(va), val_fold,
+    log.info("%d training, %d validation images (fold %d); channel mean %s std %s", len(tr), len(va), s.val_fold,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
 
     torch.manual_seed(seed)
-    model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
-                        int(s["output_stride"]), s.get("bn_momentum"),
-                        zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"),
-                        input_norm=s.get("input_norm") or "none", drop_connect=s.get("drop_connect"))
+    model = build_model(s.arch, NUM_CLASSES, 4, s.dropout, s.pretrained, size, s.output_stride, s.bn_momentum,
+                        zero_init_residual=s.zero_init_residual and not s.pretrained, input_norm=s.input_norm,
+                        drop_connect=s.drop_connect)
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
-    crop = s.get("train_crop")
-    if crop is not None and not 8 <= int(crop) <= size:
-        raise ConfigError(f"image_model.train_crop must lie in 8..image_size ({size}) or be null, got {crop}")
-    augment = BatchAugment(flips=True, rot90=True, crop_scale=tuple(s["aug_crop_scale"]),
-                           intensity=float(s["aug_intensity"]), out_size=None if crop is None else int(crop))
-    return fit(model, FieldDataset(cpath, tr, y[tr]), FieldDataset(cpath, va, y[va]), out_dir,
-               task="multilabel", epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
-               weight_decay=float(s["weight_decay"]), warmup_epochs=float(s["warmup_epochs"]), loss=s["loss"],
-               focal_gamma=float(s["focal_gamma"]),
-               sample_weights=balanced_image_weights(labels[tr], float(s.get("balance_power", 0.0))),
-               samples_per_epoch=None if s.get("samples_per_epoch") is None else int(s["samples_per_epoch"]),
-               mean=mean, std=std, augment=augment, amp=s["amp"], channels_last=bool(s["channels_last"]),
-               accumulate=int(s["accumulate"]), grad_clip=s.get("grad_clip"), seed=seed,
-               num_workers=num_workers if s.get("loader_workers") is None else int(s["loader_workers"]),
-               device=device, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), force=force, progress=progress,
-               val_every=int(s.get("val_every") or 1),
-               val_tile=None if crop is None else int(crop),
-               extra_meta={"val_fold": val_fold, "folds": int(s["folds"]), "data": str(data_dir.resolve()),
+    crop = s.train_crop
+    if crop is not None and crop > size:
+        raise ConfigError(f"image_model.train_crop must be at most image_size ({size}) or null, got {crop}")
+    augment = BatchAugment(flips=True, rot90=True, crop_scale=tuple(s.aug_crop_scale), intensity=s.aug_intensity,
+                           out_size=crop)
+    train = TrainSettings.of(s, task="multilabel", seed=seed,
+                             num_workers=num_workers if s.loader_workers is None else s.loader_workers)
+    return fit(model, FieldDataset(cpath, tr, y[tr]), FieldDataset(cpath, va, y[va]), out_dir, train, device=device,
+               sample_weights=balanced_image_weights(labels[tr], s.balance_power), mean=mean, std=std,
+               augment=augment, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), val_tile=crop,
+               extra_meta={"val_fold": s.val_fold, "folds": s.folds, "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
-                           "world_size": world})
+                           "world_size": world},
+               force=force, progress=progress)

@@ -1,7 +1,6 @@
-"""Stage 06/07 library: per-cell confidences of every method, the submission, and the
-evaluation report with baselines.
+"""Stage 06: per-cell confidences of every method on the test split, and the submission.
 
-Methods scored side by side on the test split (all on the same predicted masks):
+The methods (stage 07 scores them side by side, all on the same predicted masks):
 
 1. ``broadcast``: the image model's probabilities given to every cell (no CAM, no cell model);
 2. ``cam``: cell CAM score x image probability (:func:`hpa.cells.combine.cam_confidences`);
@@ -22,6 +21,7 @@ import pandas as pd
 
 from hpa.cells.combine import aligned_cell_probs, cam_confidences, combine, quality_factor, view_confidences
 from hpa.cells.table import IMG_COLS, VIEW_COLS
+from hpa.config import PredictSettings, Settings
 from hpa.constants import NUM_CLASSES
 from hpa.io.fields import read_mask
 
@@ -42,14 +42,14 @@ def cell_probs_path(run: Path, method: str) -> Path:
     return run / folder / "cell_probs_test.parquet"
 
 
-def method_confidences(run: Path, table: pd.DataFrame, method: str, p: dict, score: str = "topk_mean",
+def method_confidences(run: Path, table: pd.DataFrame, method: str, p: PredictSettings, score: str = "topk_mean",
                        combine_method: str | None = None, negative: str | None = None,
                        penalty: bool | None = None) -> np.ndarray | None:
     """Confidences (N, 19) of ``method`` for the cells of ``table``; None when its inputs are missing.
 
-    ``p`` is the ``predict`` config section; the keyword arguments override it (ablations).
+    ``p`` is the ``predict`` settings section; the keyword arguments override it (ablations).
     """
-    penalty = p["small_cell_penalty"] if penalty is None else penalty
+    penalty = p.small_cell_penalty if penalty is None else penalty
     quality = quality_factor(table["rel_area"], table["touches_border"]) if penalty else None
     img = table[IMG_COLS].to_numpy(np.float32)
     if method == "broadcast":
@@ -62,18 +62,18 @@ def method_confidences(run: Path, table: pd.DataFrame, method: str, p: dict, sco
     if not path.is_file():
         return None
     cell = aligned_cell_probs(table, pd.read_parquet(path), str(path))
-    return combine(img, cell, combine_method or p["combine"], negative or p["negative"], quality)
+    return combine(img, cell, combine_method or p.combine, negative or p.negative, quality)
 
 
-def final_method(run: Path, p: dict) -> str:
+def final_method(run: Path, p: PredictSettings) -> str:
     """The cell model the submission uses: ``predict.cycle`` (last | 1 | 2)."""
-    cyc = last_cycle(run) if str(p["cycle"]) == "last" else int(p["cycle"])
+    cyc = last_cycle(run) if p.cycle == "last" else int(p.cycle)
     if cyc == 0 or not cell_probs_path(run, f"cycle{cyc}").is_file():
         raise FileNotFoundError(f"no cell-model predictions for the test split in {run}/cycle{cyc or 1}: run stage 05 first")
     return f"cycle{cyc}"
 
 
-def predict_test(run: str | Path, cfg: dict, force: bool = False) -> tuple[Path, Path]:
+def predict_test(run: str | Path, cfg: Settings, force: bool = False) -> tuple[Path, Path]:
     """Stage 06: confidences of every test cell -> ``RUN/predictions_test.parquet`` and ``RUN/submission.csv``.
 
     Uses the cell model chosen by ``predict.cycle`` combined with the image model by
@@ -86,11 +86,11 @@ def predict_test(run: str | Path, cfg: dict, force: bool = False) -> tuple[Path,
     from hpa.io.layout import list_split
     from hpa.pipeline.pseudo_labels import cell_table, usable_ids
 
-    run, data_dir = Path(run), Path(cfg["data"])
-    p, sc = cfg["predict"], cfg["pseudo"]
-    table = cell_table(run, data_dir, "test", sc["topk_frac"], sc["work_size"], force=force, view=bool(sc.get("cell_view", True)))
+    run, data_dir = Path(run), Path(cfg.data)
+    p, sc = cfg.predict, cfg.pseudo
+    table = cell_table(run, data_dir, "test", sc.topk_frac, sc.work_size, force=force, view=sc.cell_view)
     method = final_method(run, p)
-    conf = method_confidences(run, table, method, p, sc["score"])
+    conf = method_confidences(run, table, method, p, sc.score)
     preds = table[["ID", "cell_id", "x0", "y0", "x1", "y1", "area"]].copy()
     preds[CONF_COLS] = conf
     preds.insert(2, "model", method)

@@ -28,13 +28,21 @@ from hpa.cells.pseudo_rules import (
     mixed_evidence,
 )
 from hpa.cells.table import build_cell_table
+from hpa.config import PseudoSettings
 from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS, TARGET_COLS
 from hpa.eval import gt as gtmod
 from hpa.io.errors import InputError
 from hpa.io.fields import read_mask
 from hpa.io.layout import list_split
 from hpa.utils.fs import write_json, write_parquet
-from hpa.utils.shards import select_shard, shard_path, shard_sets
+from hpa.utils.shards import (
+    merge_shard_tables,
+    merge_when_complete,
+    missing_shards,
+    select_shard,
+    shard_path,
+    shard_sets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_siz
         if len(complete) == 1:
             return merge_cell_tables(run, data_dir, split, complete[0])
         if sets:
-            detail = "; ".join(f"N={n}: missing {_missing_names(path, n, have)}" for n, have in sets.items()
+            detail = "; ".join(f"N={n}: missing {missing_shards(path, n)}" for n, have in sets.items()
                                if len(have) < n)
             raise InputError(f"{path.parent}: cannot tell which shard tables of {split} to join "
                              f"({detail or 'complete sets for N=' + ', '.join(map(str, complete))}); run the missing "
@@ -95,9 +103,7 @@ def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, sh
         write_parquet(path, table)
         log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
                  len(mine), path)
-    n = shard[1]
-    if n > 1 and all(cell_table_path(run, split, (i, n)).is_file() for i in range(n)):
-        merge_cell_tables(run, data_dir, split, n)
+    merge_when_complete(cell_table_path(run, split), shard, lambda n: merge_cell_tables(run, data_dir, split, n))
     return path
 
 
@@ -108,24 +114,11 @@ def merge_cell_tables(run: str | Path, data_dir: str | Path, split: str, n_shard
     process. Raises FileNotFoundError listing the shard tables that are missing.
     """
     run, data_dir = Path(run), Path(data_dir)
-    path = cell_table_path(run, split)
-    have = [i for i in range(n_shards) if cell_table_path(run, split, (i, n_shards)).is_file()]
-    if len(have) < n_shards:
-        raise FileNotFoundError(f"cannot merge the {split} cell table: shard table(s) missing in {path.parent}: "
-                                f"{_missing_names(path, n_shards, have)} (run those shards first)")
-    parts = [pd.read_parquet(cell_table_path(run, split, (i, n_shards))) for i in range(n_shards)]
-    full = [t for t in parts if len(t)] or parts[:1]  # an empty shard's columns carry no dtypes
-    table = pd.concat(full, ignore_index=True)
-    ids, _ = list_split(data_dir, split)
-    order = {image_id: k for k, image_id in enumerate(ids)}
-    key = table["ID"].map(order)
-    if key.isna().any():
-        raise InputError(f"{path.parent}: shard tables hold image(s) not in {data_dir}/{split}.csv, e.g. "
-                         f"{table['ID'][key.isna()].iloc[0]!r} (stale shards? rebuild them with --force)")
-    table = table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
-    write_parquet(path, table)
-    log.info("merged %d shard tables into %s (%d cells)", n_shards, path, len(table))
-    return table
+    try:
+        return merge_shard_tables(cell_table_path(run, split), n_shards, list_split(data_dir, split)[0], pd.read_parquet,
+                                  write_parquet, f"{split} cell table")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _viewer(run: Path, data_dir: Path, split: str, view: bool):
@@ -138,10 +131,6 @@ def _viewer(run: Path, data_dir: Path, split: str, view: bool):
     from hpa.cells.view import CellViewer
 
     return CellViewer(run, data_dir, split)
-
-
-def _missing_names(path: Path, n: int, have: list[int]) -> list[str]:
-    return [shard_path(path, (i, n)).name for i in range(n) if i not in set(have)]
 
 
 def usable_ids(run: Path, split: str, ids: list[str]) -> list[str]:
@@ -167,67 +156,73 @@ def load_cell_probs(path: Path, table: pd.DataFrame) -> np.ndarray:
     return merged[PROB_COLS].to_numpy(np.float32)
 
 
-def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: dict, force: bool = False) -> pd.DataFrame:
+def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: PseudoSettings,
+                       force: bool = False) -> pd.DataFrame:
     """Write ``RUN/cycle{k}/pseudo_labels.parquet`` and ``pseudo_report.json``; return the labels.
 
-    ``p`` is the ``pseudo`` config section (see hpa.config.DEFAULTS).
+    ``p``: the ``pseudo`` settings section (its ``cycle2`` part applies from cycle 2 on).
     """
     run, data_dir = Path(run), Path(data_dir)
-    table = cell_table(run, data_dir, "train", p["topk_frac"], p.get("work_size", 512), force=force,
-                       view=bool(p.get("cell_view", True)))
+    table = cell_table(run, data_dir, "train", p.topk_frac, p.work_size, force=force, view=p.cell_view)
     ids, y = list_split(data_dir, "train")
     label_of = dict(zip(ids, y))
     img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))
-    ev = cam_evidence(table, img_labels, p["score"], p["times_image_prob"], float(p.get("view_weight", 0.0)))
+    ev = cam_evidence(table, img_labels, p.score, p.times_image_prob, p.view_weight)
     negative_image = (img_labels[:, NEGATIVE] == 1) & (img_labels[:, :NEGATIVE].sum(1) == 0)
     raw = probs = None
     if cycle > 1:
         raw = load_cell_probs(run / f"cycle{cycle - 1}" / "cell_probs_train.parquet", table)
-        probs = cell_model_evidence(raw, p.get("cycle2_evidence", "membership"))
-    q = p["pos_quantile"] if cycle == 1 else p.get("cycle2_pos_quantile", p["pos_quantile"])
-    label, conf, thr = assign_labels(ev, negative_image, q, p["pos_min"], p["neg_threshold"], probs, p["cycle2_weight"])
+        probs = cell_model_evidence(raw, p.cycle2.evidence)
+    q = p.pos_quantile if cycle == 1 else p.cycle2.pos_quantile
+    label, conf, thr = assign_labels(ev, negative_image, q, p.pos_min, p.neg_threshold, probs, p.cycle2.weight)
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
     sets = None
-    if p.get("multi_label", False):  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.cells.pseudo_rules.label_sets)
-        also = None if probs is None else (ev, class_thresholds(ev, p["pos_quantile"], p["pos_min"]))
-        rel = float(p.get("cycle2_secondary_rel") or 0.0) if probs is not None else 0.0
-        sets = label_sets(mixed_evidence(ev, probs, p["cycle2_weight"]), label, thr, also, rel)
+    if p.multi_label:  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.cells.pseudo_rules.label_sets)
+        also = None if probs is None else (ev, class_thresholds(ev, p.pos_quantile, p.pos_min))
+        rel = p.cycle2.secondary_rel if probs is not None else 0.0
+        sets = label_sets(mixed_evidence(ev, probs, p.cycle2.weight), label, thr, also, rel)
         out["labels"] = ["|".join(map(str, c)) for c in sets]
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
-    fill_w = float(p.get("cycle2_fill_weight") or 0.0) if raw is not None else 0.0
     filled = np.zeros(len(label), bool)
-    if fill_w > 0:  # the cells the rule left out, filled from the cell model (soft or hard targets)
-        full = fill_labels(label, raw, img_labels)
-        filled = label < 0
-        out["label"] = full
-        out["confidence"] = np.where(filled, raw[np.arange(len(full)), full], conf).astype(np.float32)
-        out["weight"] = np.where(filled, fill_w, 1.0).astype(np.float32)
-        if "labels" in out.columns:
-            out.loc[filled, "labels"] = full[filled].astype(str)
-        kind = p.get("cycle2_fill_targets", "hard")
-        if kind not in ("hard", "soft"):
-            raise ValueError(f"pseudo.cycle2_fill_targets must be hard or soft, got {kind!r}")
-        if kind == "soft":  # the cell model's probabilities over the allowed classes, not its top class
-            soft = np.full((len(out), NUM_CLASSES), np.nan, np.float32)
-            soft[filled] = fill_targets(raw[filled], img_labels[filled])
-            out[TARGET_COLS] = soft
-        filled_only = np.where(filled, full, -1)
-        report["filled"] = {"weight": fill_w, "targets": kind, **coverage(filled_only)}
+    if raw is not None and p.cycle2.fill_weight > 0:
+        filled, report["filled"] = _fill(out, label, conf, raw, img_labels, p.cycle2.fill_weight,
+                                         p.cycle2.fill_targets)
     if gtmod.has_gt(data_dir):
         truth = true_label_sets(run, data_dir, table)
         report["vs_ground_truth"] = diagnostics(label, truth, sets)
         log.info("cycle %d pseudo-labels: %.1f%% of cells labelled, precision %.3f against ground truth", cycle,
                  100 * report["coverage"]["labelled"], report["vs_ground_truth"]["overall_precision"])
         if filled.any():
-            report["filled"]["vs_ground_truth"] = diagnostics(filled_only, truth)
+            report["filled"]["vs_ground_truth"] = diagnostics(np.where(filled, out["label"], -1), truth)
             log.info("cycle %d: %d left-out cells filled from the cell model at weight %.2f, precision %.3f", cycle,
-                     int(filled.sum()), fill_w, report["filled"]["vs_ground_truth"]["overall_precision"])
+                     int(filled.sum()), p.cycle2.fill_weight, report["filled"]["vs_ground_truth"]["overall_precision"])
     out = out[out["label"] >= 0].reset_index(drop=True)
     cdir = run / f"cycle{cycle}"
     write_parquet(cdir / "pseudo_labels.parquet", out)
     write_json(cdir / "pseudo_report.json", report)
     return out
+
+
+def _fill(out: pd.DataFrame, label: np.ndarray, conf: np.ndarray, raw: np.ndarray, img_labels: np.ndarray,
+          weight: float, kind: str) -> tuple[np.ndarray, dict]:
+    """Give the cells the rule left out (label -1) the cell model's labels, in place in ``out``.
+
+    ``kind``: ``hard`` (its best allowed class) or ``soft`` (its probabilities over the allowed
+    classes as ``t0..t18`` targets). Returns the filled rows (bool) and their report entry.
+    """
+    full = fill_labels(label, raw, img_labels)
+    filled = label < 0
+    out["label"] = full
+    out["confidence"] = np.where(filled, raw[np.arange(len(full)), full], conf).astype(np.float32)
+    out["weight"] = np.where(filled, weight, 1.0).astype(np.float32)
+    if "labels" in out.columns:
+        out.loc[filled, "labels"] = full[filled].astype(str)
+    if kind == "soft":  # the cell model's probabilities over the allowed classes, not its top class
+        soft = np.full((len(out), NUM_CLASSES), np.nan, np.float32)
+        soft[filled] = fill_targets(raw[filled], img_labels[filled])
+        out[TARGET_COLS] = soft
+    return filled, {"weight": weight, "targets": kind, **coverage(np.where(filled, full, -1))}
 
 
 def true_label_sets(run: Path, data_dir: Path, table: pd.DataFrame, split: str = "train") -> list[list[int] | None]:

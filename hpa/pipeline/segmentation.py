@@ -15,21 +15,22 @@ row with ``n_cells`` 0; the report lists such images (:func:`hpa.pipeline.evalua
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from hpa.config import SegmentSettings
 from hpa.io.errors import InputError
 from hpa.io.fields import read_field, read_mask, write_mask
 from hpa.io.layout import check_images_exist, list_split
 from hpa.utils.fs import write_csv
-from hpa.utils.shards import select_shard
+from hpa.utils.parallel import map_jobs
+from hpa.utils.shards import merge_shard_tables, merge_when_complete, select_shard, shard_path
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def mask_paths(out_dir: str | os.PathLike, image_id: str) -> tuple[Path, Path]:
 
 def table_name(shard: tuple[int, int] = (0, 1), stem: str = "cells") -> str:
     """``cells.csv`` for an unsharded run, ``cells.shard-i-of-N.csv`` for shard i of N."""
-    i, n = shard
-    return f"{stem}.csv" if n == 1 else f"{stem}.shard-{i}-of-{n}.csv"
+    return shard_path(f"{stem}.csv", shard).name
 
 
 def mask_stats(image_id: str, cells: np.ndarray, nuclei: np.ndarray, seconds: float = float("nan")) -> dict:
@@ -67,21 +67,27 @@ def mask_stats(image_id: str, cells: np.ndarray, nuclei: np.ndarray, seconds: fl
     }
 
 
-_CLASSICAL_KEYS = ("work_size", "min_nucleus", "min_cell", "cell_threshold_scale", "green_weight")
-_HPACELLSEG_KEYS = ("nuclei_model", "cell_model", "scale_factor", "padding", "multi_channel_model", "labeler",
-                    "reference_size")
+def segmenter_settings(section: SegmentSettings, device: str = "cpu") -> tuple[str, dict]:
+    """``(name, kwargs)`` for :func:`hpa.segment.get_segmenter` from the ``segment`` settings section.
 
+    ``auto`` resolves to ``hpacellseg`` when the package is importable and both weight files are
+    given, to ``classical`` otherwise (logged with the reason).
+    """
+    name = section.segmenter
+    h = section.hpacellseg
+    if name == "auto":
+        import importlib.util
 
-def segmenter_settings(section: dict, device: str = "cpu") -> tuple[str, dict]:
-    """``(name, kwargs)`` for :func:`hpa.segment.get_segmenter` from the config's ``segment`` section."""
-    name = section.get("segmenter", "classical")
+        have_pkg = importlib.util.find_spec("hpacellseg") is not None
+        name = "hpacellseg" if have_pkg and h.nuclei_weights and h.cell_weights else "classical"
+        why = ("package importable and both weight files given" if name == "hpacellseg" else
+               "hpacellseg is not installed" if not have_pkg else "segment.hpacellseg.nuclei_weights/cell_weights not given")
+        log.info("segment.segmenter=auto -> %s (%s)", name, why)
     if name == "classical":
-        return name, {k: section[k] for k in _CLASSICAL_KEYS if k in section}
-    if name == "hpacellseg":
-        kw = {k: section[k] for k in _HPACELLSEG_KEYS if k in section}
-        kw["device"] = device
-        return name, kw
-    return name, {}
+        return name, dataclasses.asdict(section.classical)
+    return name, {"nuclei_model": h.nuclei_weights, "cell_model": h.cell_weights, "scale_factor": h.scale_factor,
+                  "padding": h.padding, "multi_channel_model": h.multi_channel_model, "labeler": h.labeler,
+                  "reference_size": h.reference_size, "device": device}
 
 
 # ------------------------------------------------------------------ worker side
@@ -151,12 +157,16 @@ def segment_images(ids: list[str], image_dir: str | os.PathLike, out_dir: str | 
         rows[image_id] = old.get(image_id) or _stats_from_files(out_dir, image_id)
     skipped: list[dict] = []
     init_args = (segmenter, dict(segmenter_kw or {}), str(image_dir), str(out_dir), on_bad_image == "skip")
-    for res in _run_all(todo, init_args, workers, desc):
-        if "reason" in res:
-            log.warning("skipping image %s: %s", res["ID"], res["reason"])
-            skipped.append(res)
-        else:
-            rows[res["ID"]] = res
+    try:
+        for res in map_jobs(_process, todo, workers, desc=desc, initializer=_init_worker, initargs=init_args,
+                            ordered=False):
+            if "reason" in res:
+                log.warning("skipping image %s: %s", res["ID"], res["reason"])
+                skipped.append(res)
+            else:
+                rows[res["ID"]] = res
+    finally:
+        _WORKER.clear()  # the in-process segmenter (workers <= 1) is not kept between calls
     table = pd.DataFrame([rows[i] for i in mine if i in rows], columns=TABLE_COLUMNS)
     write_csv(table_path, table)
     skip_path = out_dir / table_name(shard, "skipped")
@@ -179,9 +189,7 @@ def segment_split(data_dir: str | os.PathLike, split: str, out_dir: str | os.Pat
     """
     ids, _ = list_split(data_dir, split)
     table = segment_images(ids, Path(data_dir) / split, out_dir, desc=f"segment {split}", **kw)
-    n = kw.get("shard", (0, 1))[1]
-    if n > 1 and all((Path(out_dir) / table_name((i, n))).is_file() for i in range(n)):
-        merge_tables(out_dir, n, ids)
+    merge_when_complete(Path(out_dir) / "cells.csv", kw.get("shard", (0, 1)), lambda n: merge_tables(out_dir, n, ids))
     return table
 
 
@@ -196,44 +204,27 @@ def merge_tables(out_dir: str | os.PathLike, n_shards: int, ids: list[str] | Non
         FileNotFoundError listing the shards whose table is missing.
     """
     out_dir = Path(out_dir)
-    paths = [out_dir / table_name((i, n_shards)) for i in range(n_shards)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"cannot merge {out_dir}: shard table(s) missing: {missing}")
-    table = pd.concat([pd.read_csv(p, dtype={"ID": str}) for p in paths], ignore_index=True)
-    order = {i: k for k, i in enumerate(ids)} if ids is not None else None
-    key = table["ID"].map(order) if order is not None else table["ID"]
-    table = table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)[TABLE_COLUMNS]
-    write_csv(out_dir / "cells.csv", table)
+    table = merge_shard_tables(out_dir / "cells.csv", n_shards, ids if ids is not None else _sorted_ids(out_dir, n_shards),
+                               _read_csv, _write_table, "segmentation table")
     skip_paths = [out_dir / table_name((i, n_shards), "skipped") for i in range(n_shards)]
     skips = [pd.read_csv(p, dtype={"ID": str}) for p in skip_paths if p.is_file()]
     if skips or (out_dir / "skipped.csv").is_file():
         merged = pd.concat(skips, ignore_index=True) if skips else pd.DataFrame(columns=SKIPPED_COLUMNS)
         write_csv(out_dir / "skipped.csv", merged[SKIPPED_COLUMNS])
-    log.info("merged %d shard tables into %s (%d images)", n_shards, out_dir / "cells.csv", len(table))
     return table
 
 
-def _run_all(todo: list[str], init_args: tuple, workers: int, desc: str):
-    if not todo:
-        return
-    if workers <= 1 or len(todo) == 1:
-        _init_worker(*init_args)
-        try:
-            for image_id in tqdm(todo, desc=desc, unit="img", mininterval=2.0):
-                yield _process(image_id)
-        finally:
-            _WORKER.clear()
-        return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_init_worker, initargs=init_args)
-    try:
-        futures = [pool.submit(_process, i) for i in todo]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="img", mininterval=2.0):
-            yield fut.result()
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # stop queued images at the first error
-        raise
-    pool.shutdown(wait=True)
+def _read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"ID": str})
+
+
+def _write_table(path: Path, table: pd.DataFrame) -> None:
+    write_csv(path, table[TABLE_COLUMNS])
+
+
+def _sorted_ids(out_dir: Path, n: int) -> list[str]:
+    return sorted(set().union(*(_read_csv(shard_path(out_dir / "cells.csv", (i, n)))["ID"] for i in range(n)
+                                if shard_path(out_dir / "cells.csv", (i, n)).is_file())))
 
 
 def _read_table(path: Path) -> dict[str, dict]:

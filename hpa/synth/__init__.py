@@ -1,0 +1,1 @@
+"""The synthetic HPA-like benchmark with single-cell ground truth (``python -m hpa.synth``)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from hpa.synth.cells import Layout, make_layout
 from hpa.synth.labels import assign_cell_labels, image_label_from_cells, n_mitotic_for, sample_label_sets
 from hpa.synth.render import render_field
 from hpa.utils.fs import write_csv, write_json
+from hpa.utils.parallel import map_jobs
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,6 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
     The CSVs are written last (each atomically), so a folder with ``gt/synth_meta.json``
     matching the arguments is a complete data set and is left as it is unless ``force``.
     """
-    from tqdm import tqdm
-
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
     if size < 64:
@@ -158,11 +156,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
         jobs += [(str(out), split, i, int(seed), int(size), sets[i]) for i in range(n)]
     log.info("generating %d train + %d test fields of %d px (seed %d, %d workers) in %s",
              n_train, n_test, size, seed, workers, out)
-    if workers == 1:
-        results = [_job(j) for j in tqdm(jobs, disable=not progress, desc="synth")]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(_job, jobs, chunksize=4), total=len(jobs), disable=not progress, desc="synth"))
+    results = list(map_jobs(_job, jobs, workers, desc="synth", progress=progress))
 
     img_rows, cell_rows = [], []
     for iid, split, labels, cells in results:

@@ -405,7 +405,7 @@ def p_plasma_membrane(rng, m, amp, ctx):
 
 
 def p_mitochondria(rng, m, amp, ctx):
-    lay, s, S = m.lay, m.s, m.cell.shape[0]
+    s, S = m.s, m.cell.shape[0]
     lines, la = [], []
     tflat = m.t.ravel()
     for k in np.flatnonzero(amp > 0):
@@ -445,7 +445,7 @@ def p_cytosol(rng, m, amp, ctx):
 
 
 def p_vesicles(rng, m, amp, ctx):
-    lay, s, S = m.lay, m.s, m.cell.shape[0]
+    s, S = m.s, m.cell.shape[0]
     ys, xs, a = [], [], []
     for k in np.flatnonzero(amp > 0):
         n = int(np.clip(len(m.cyto_pix[k]) / (45 * s * s), 12, 90))

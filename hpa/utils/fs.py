@@ -1,4 +1,4 @@
-"""Atomic file writes, shard selection and small filesystem helpers.
+"""Atomic file writes and small filesystem helpers (shards: :mod:`hpa.utils.shards`).
 
 Every output of every stage goes through :func:`atomic_path` (or one of the
 ``write_*`` helpers built on it): the data are written to a temporary name in the

@@ -1,11 +1,22 @@
-"""Shards of a per-image stage: parse ``i/N``, pick every N-th item, name and find shard files.
+"""Shards of a per-image stage: parse ``i/N``, pick every N-th item, name, find and join shard files.
+
+A per-image stage run as shard ``(i, N)`` (a job of a cluster's array) handles every N-th image
+from the i-th and writes its table beside the whole split's as ``NAME.shard-i-of-N.EXT``
+(:func:`shard_path`); the shard that finishes last joins them (:func:`merge_when_complete`,
+:func:`merge_shard_tables`) into the table one process would have written.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -48,3 +59,45 @@ def shard_sets(path: str | os.PathLike) -> dict[int, list[int]]:
         if i_str.isdigit() and n_str.isdigit() and int(i_str) < int(n_str):
             found.setdefault(int(n_str), []).append(int(i_str))
     return {n: sorted(v) for n, v in sorted(found.items())}
+
+
+def missing_shards(path: str | os.PathLike, n: int) -> list[str]:
+    """File names of the shard files ``(i, N)`` of ``path`` that do not exist."""
+    return [shard_path(path, (i, n)).name for i in range(n) if not shard_path(path, (i, n)).is_file()]
+
+
+def merge_shard_tables(path: str | os.PathLike, n: int, ids: Sequence[str], read: Callable[[Path], pd.DataFrame],
+                       write: Callable[[Path, pd.DataFrame], object], what: str = "table") -> pd.DataFrame:
+    """Join the N shard tables beside ``path`` into ``path``, rows in the order of ``ids`` (column ``ID``).
+
+    ``read`` / ``write`` load and store one table (CSV or parquet; ``write`` atomic). The joined
+    table is the one a single process would have written. Raises FileNotFoundError listing the
+    missing shard files, ValueError naming an image that is not in ``ids`` (stale shards).
+    """
+    path = Path(path)
+    missing = missing_shards(path, n)
+    if missing:
+        raise FileNotFoundError(f"cannot merge the {what} {path}: shard file(s) missing in {path.parent}: {missing} "
+                                "(run those shards first)")
+    parts = [read(shard_path(path, (i, n))) for i in range(n)]
+    full = [t for t in parts if len(t)] or parts[:1]  # an empty shard's columns carry no dtypes
+    table = pd.concat(full, ignore_index=True)
+    order = {image_id: k for k, image_id in enumerate(ids)}
+    key = table["ID"].map(order)
+    if key.isna().any():
+        raise ValueError(f"{path.parent}: shard files of the {what} hold image(s) not among the split's IDs, e.g. "
+                         f"{table['ID'][key.isna()].iloc[0]!r} (stale shards? rebuild them with --force)")
+    table = table.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+    write(path, table)
+    log.info("merged %d shard files into %s (%d rows)", n, path, len(table))
+    return table
+
+
+def merge_when_complete(path: str | os.PathLike, shard: tuple[int, int], merge: Callable[[int], object]) -> bool:
+    """After shard ``(i, N)`` wrote its file beside ``path``: call ``merge(N)`` if every shard's file
+    exists (the last shard to finish joins them). Returns whether it merged."""
+    n = shard[1]
+    if n > 1 and not missing_shards(path, n):
+        merge(n)
+        return True
+    return False

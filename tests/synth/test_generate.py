@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from shared_data import SHARED, needs
 
 from hpa.constants import CHANNELS, NEGATIVE
 from hpa.io.fields import read_mask
@@ -17,7 +16,7 @@ from hpa.synth.generate import generate_dataset, image_id, main, make_field
 from hpa.synth.labels import assign_cell_labels, image_label_from_cells, sample_label_sets
 from hpa.synth.render import MITOTIC_ALLOWED, NUCLEAR_CLASSES, compute_maps
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED
 N_TRAIN, N_TEST, SIZE, SEED = 6, 3, 128, 5
 
 
@@ -276,7 +275,7 @@ def test_label_stats_constants_are_consistent():
     assert min(LS.CLASS_BOOST) == 1 and LS.CLASS_BOOST[11] > 1 and LS.CLASS_BOOST[NEGATIVE] > 1
 
 
-@pytest.mark.skipif(not (DATA / "hpa_train_labels_2021.csv").is_file(), reason="real HPA labels not present")
+@needs(DATA / "hpa_train_labels_2021.csv")
 def test_label_stats_match_the_real_csv():
     d = LS.derive_label_stats(DATA / "hpa_train_labels_2021.csv")
     assert d["n_images"] == LS.N_IMAGES

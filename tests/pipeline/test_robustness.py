@@ -23,7 +23,7 @@ import torch
 
 from hpa.synth.generate import generate_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HPA_LOG="INFO", PYTHONUNBUFFERED="1")
 MASK_GLOBS = ("*_cellmask.png", "*_nucleimask.png")
 

@@ -24,7 +24,7 @@ from hpa.engine.schedule import lr_at
 from hpa.engine.trainer import fit
 from hpa.models.factory import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIT = dict(epochs=2, batch_size=4, lr=3e-3, warmup_epochs=0.0, amp="off", channels_last=False, progress=False,
            mean=[0.1] * 4, std=[0.2] * 4)
 
@@ -218,7 +218,7 @@ def test_stage_01_writes_every_output(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["image_model.arch=effnet"], "unknown model 'effnet'; available models: efficientnet-b0"),
+    (["image_model.arch=effnet"], "01_train_image: error: setting 'image_model.arch': unknown value 'effnet'; valid: efficientnet-b0"),
     (["image_model.epoch=3"], "unknown setting 'image_model.epoch'"),
     (["--data", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
 ])

@@ -28,7 +28,7 @@ from hpa.models.factory import build_model
 from hpa.pipeline.pseudo_labels import build_cell_table_shard, cell_table, cell_table_path, merge_cell_tables
 from hpa.utils.shards import shard_path, shard_sets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EMPTY = {"train": {1, 4}, "test": {2}}  # images without cells: a shard may hold no rows at all
 SKIPPED = {"train": "tr5", "test": None}  # recorded as skipped by stage 03: left out everywhere
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage as ndi
+from shared_data import HPA_REAL, needs
 
 from hpa.eval.matching import match_cells
 from hpa.io.errors import InputError
@@ -24,7 +25,7 @@ from hpa.pipeline.segmentation import merge_tables, segment_images, table_name
 from hpa.segment import available_segmenters, get_segmenter
 from hpa.segment.common import check_masks, finalize_masks
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
+REAL = HPA_REAL
 
 
 def draw_field(centres, size, nuc_r, cell_r, rng=None, dtype=np.uint8):
@@ -221,7 +222,7 @@ def test_stage_script_works_alone_on_a_folder_of_fields(tmp_path):
     import sys
 
     _write_split(tmp_path / "data", n=2)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(repo / "stages" / "03_segment.py"), "--data", str(tmp_path / "data"), "--split", "test",
            "--run", str(tmp_path / "run"), "--profile", "quick", "--workers", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -245,7 +246,7 @@ def test_quality_on_the_synthetic_benchmark_generator():
     assert n_matched / n_true >= 0.95 and 1 - n_matched / n_pred <= 0.05, (n_true, n_pred, n_matched)
 
 
-@pytest.mark.skipif(not (REAL / "masks").is_dir(), reason="real HPA fields (../shared/data/hpa_real) not present")
+@needs(REAL / "masks")
 def test_real_field_recall_against_hpa_cell_segmentation():
     image_id = "000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0"
     field = read_field(REAL / "images", image_id)

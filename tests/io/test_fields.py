@@ -1,10 +1,10 @@
 """Reading fields, labels and masks, with a clear error for each kind of bad input."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import HPA_REAL, needs
 
 from hpa.constants import CHANNELS, NUM_CLASSES
 from hpa.io.errors import InputError
@@ -20,7 +20,7 @@ from hpa.io.fields import (
 )
 from hpa.io.layout import check_images_exist, list_split, read_labels
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
+REAL = HPA_REAL
 
 
 def make_field(folder, image_id="img1", h=20, w=30, dtype=np.uint8, seed=0):
@@ -156,7 +156,7 @@ def test_mask_roundtrip_keeps_labels_above_255(tmp_path):
         write_mask(tmp_path / "bad.png", mask + 70000)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="real HPA fields not available")
+@needs(REAL)
 def test_real_hpa_fields():
     import pandas as pd
 

@@ -2,11 +2,11 @@
 
 import base64
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_util
+from shared_data import HPA_REAL, needs
 
 from hpa.eval.rle import RLEError, decode_mask, decode_rles, encode_instances, encode_mask
 
@@ -111,13 +111,10 @@ def test_decode_rles_reports_index_and_gives_coco_objects():
     assert exc.value.index == 1
 
 
-REAL_MASK = (
-    Path(__file__).resolve().parents[2]
-    / "shared" / "data" / "hpa_real" / "masks" / "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0_predictedmask.png"
-)
+REAL_MASK = HPA_REAL / "masks" / "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0_predictedmask.png"
 
 
-@pytest.mark.skipif(not REAL_MASK.is_file(), reason="real HPA masks not available")
+@needs(REAL_MASK)
 def test_real_hpa_mask_instances():
     from hpa.io.fields import read_mask
 

@@ -1,15 +1,13 @@
 """Cell crops and their cache: exact geometry, outside-pixel handling, padding, index order, resume."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import SHARED, needs
 
 from hpa.cells.crops import INDEX_COLS, _crop_job, build_crop_cache, crop_cell, crop_window
 from hpa.cells.table import cell_geometry
 from hpa.io.fields import read_field, read_mask, write_field, write_mask
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def ramp_field(h=64, w=64, dtype=np.uint8):
@@ -157,7 +155,7 @@ def test_cache_checks_masks_and_ids(tmp_path):
         build_crop_cache(data, masks, "train", ids + ids, 16, 0.1, "dim", 0.25, tmp_path / "c")
 
 
-@pytest.mark.skipif(not (SHARED / "hpa_real" / "masks").is_dir(), reason="real HPA data not present")
+@needs(SHARED / "hpa_real" / "masks")
 def test_real_full_resolution_field(tmp_path):
     """A real 2048+ px field: crops come from the full-resolution field, cell by cell."""
     real = SHARED / "hpa_real"

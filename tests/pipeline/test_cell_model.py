@@ -191,7 +191,7 @@ def make_run(tmp_path, n_train=6, n_test=2):
     image_model = image_checkpoint(run / "image_model" / "model.pt")
     cfg = build_config("quick", overrides=["num_workers=0", "cell_model.epochs=2", "cell_model.batch_size=4",
                                            "image_model.val_fold=0"])
-    cfg["data"] = str(data)
+    cfg.data = str(data)
     return run, cfg, image_model
 
 
@@ -236,7 +236,7 @@ def test_cell_stage_trains_and_predicts_every_cell(tmp_path, capsys):
 def load_stage():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "stages" / "05_train_cell.py"
+    path = Path(__file__).resolve().parents[2] / "stages" / "05_train_cell.py"
     spec = importlib.util.spec_from_file_location("stage05", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

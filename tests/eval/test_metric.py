@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import HPA_REAL, needs
 
 from hpa.eval import metric
 from hpa.eval.metric import cell_map, submission_map
@@ -320,16 +321,16 @@ def test_score_module_entry_point(tmp_path):
     sub = write_submission(tmp_path / "sub.csv", perfect({"A": (a, {1: [0], 2: [0, 1], 3: [18]})}))
     res = subprocess.run(
         [sys.executable, "-m", "hpa.score", str(sub), str(data), "--split", "test"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120,
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "mAP=0.8333"  # class 1: 1 of 2 true cells (B missing)
 
 
-REAL_MASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real" / "masks"
+REAL_MASKS = HPA_REAL / "masks"
 
 
-@pytest.mark.skipif(not REAL_MASKS.is_dir(), reason="real HPA masks not available")
+@needs(REAL_MASKS)
 def test_real_mask_ground_truth_scores_one_and_eroded_cells_miss(tmp_path):
     from hpa.io.fields import read_mask
 
