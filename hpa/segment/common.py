@@ -2,7 +2,9 @@
 
 Contract of ``segment(field) -> (cell_mask, nuclei_mask)``: both int32 ``(H, W)``,
 0 = background, cells numbered 1..K consecutively, nucleus k labelled k and lying
-inside cell k, every cell with exactly one (non-empty) nucleus.
+inside cell k, every cell with exactly one (non-empty) nucleus. One exception: the
+hpacellseg adapter with its default labeler keeps the package's cells that have no
+nucleus (``require_nucleus=False`` below), as the package's own masks do.
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ def empty_masks(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(shape, np.int32), np.zeros(shape, np.int32)
 
 
-def finalize_masks(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def finalize_masks(cells: np.ndarray, nuclei: np.ndarray,
+                   require_nucleus: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Enforce the mask contract on raw labels.
 
     Args:
         cells: integer (H, W) cell labels (any ids, 0 = background).
         nuclei: integer (H, W) nucleus labels; a nucleus pixel belongs to the cell it
             lies in, whatever its own id (pixels outside every cell are dropped).
+        require_nucleus: remove cells without nucleus pixels (False: keep them).
     Returns:
         ``(cell_mask, nuclei_mask)`` int32, cells renumbered 1..K in order of their old
-        ids, nucleus k = nucleus pixels inside cell k; cells without nucleus pixels
-        are removed.
+        ids, nucleus k = nucleus pixels inside cell k.
     """
     cells = np.asarray(cells)
     nuclei = np.asarray(nuclei)
@@ -54,7 +57,8 @@ def finalize_masks(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, n
     has_nuc = np.bincount(cells[nuc_in], minlength=top + 1) > 0
     has_nuc[0] = False
     present = np.bincount(cells.ravel(), minlength=top + 1) > 0
-    keep = has_nuc & present
+    keep = (has_nuc & present) if require_nucleus else present
+    keep[0] = False
     lut = np.zeros(top + 1, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     cell_mask = lut[cells]
@@ -62,8 +66,11 @@ def finalize_masks(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, n
     return cell_mask, nuclei_mask
 
 
-def check_masks(cell_mask: np.ndarray, nuclei_mask: np.ndarray) -> None:
-    """Raise ``AssertionError`` describing the first violation of the mask contract."""
+def check_masks(cell_mask: np.ndarray, nuclei_mask: np.ndarray, require_nucleus: bool = True) -> None:
+    """Raise ``AssertionError`` describing the first violation of the mask contract.
+
+    ``require_nucleus=False``: cells without a nucleus are allowed (hpacellseg's labeler).
+    """
     assert cell_mask.dtype == np.int32 and nuclei_mask.dtype == np.int32, (cell_mask.dtype, nuclei_mask.dtype)
     assert cell_mask.shape == nuclei_mask.shape, (cell_mask.shape, nuclei_mask.shape)
     ids = np.unique(cell_mask)
@@ -72,4 +79,5 @@ def check_masks(cell_mask: np.ndarray, nuclei_mask: np.ndarray) -> None:
     inside = nuclei_mask > 0
     assert np.array_equal(nuclei_mask[inside], cell_mask[inside]), "a nucleus lies outside its cell"
     nids = np.unique(nuclei_mask[inside])
-    assert np.array_equal(nids, ids), f"cells without nucleus: {sorted(set(ids) - set(nids))[:10]}"
+    if require_nucleus:
+        assert np.array_equal(nids, ids), f"cells without nucleus: {sorted(int(i) for i in set(ids) - set(nids))[:10]}"

@@ -92,6 +92,13 @@ def test_finalize_masks_renumbers_and_drops_cells_without_nucleus():
     assert c.tolist() == [[1, 1, 0, 2], [1, 1, 0, 2], [0, 0, 0, 0]]
     assert n.tolist() == [[1, 0, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]]
     check_masks(c, n)
+    # hpacellseg's labelling keeps cells without a nucleus: renumbered, allowed by the relaxed check only
+    c, n = finalize_masks(cells, nuclei, require_nucleus=False)
+    assert c.tolist() == [[1, 1, 0, 3], [1, 1, 0, 3], [2, 2, 0, 0]]
+    assert n.tolist() == [[1, 0, 0, 0], [0, 0, 0, 3], [0, 0, 0, 0]]
+    check_masks(c, n, require_nucleus=False)
+    with pytest.raises(AssertionError, match=r"cells without nucleus: \[2\]"):
+        check_masks(c, n)
 
 
 # ------------------------------------------------------------------ classical segmenter
