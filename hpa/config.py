@@ -248,7 +248,8 @@ class HpaCellSegSettings(Section):
     padding: bool = setting(False, "reflect-pad network inputs (switched on by itself when sizes need it)")
     labeler: str = setting("hpacellseg", "labelling step: hpacellseg (its own label_cell, as the competition's masks) "
                                          "| relative (areas scale with the field)", choices=("hpacellseg", "relative"))
-    reference_size: int = setting(2048, "smaller fields are enlarged to this side before the networks", ge=256)
+    reference_size: int = setting(2048, "fields under min(reference_size, 1728) px are enlarged to this side before the "
+                                        "networks", ge=256)
 
 
 @dataclass

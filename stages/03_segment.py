@@ -12,10 +12,10 @@ whose two masks exist are skipped unless --force. Needs no earlier stage:
 import argparse
 from pathlib import Path
 
-from hpa.config import add_common_args, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.io.layout import list_split
 from hpa.pipeline.cli import run_stage
-from hpa.pipeline.segmentation import merge_tables, segment_split, segmenter_settings
+from hpa.pipeline.segmentation import merge_tables, record_segmenter, segment_split, segmenter_settings
 from hpa.segment import available_segmenters
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
@@ -52,7 +52,8 @@ def run(args):
         merge_tables(out_dir, args.merge, list_split(cfg.data, args.split)[0])
         return
     shard = parse_shard(args.shard)
-    name, kw = segmenter_settings(cfg.segment, cfg.device)
+    name, kw, reason = segmenter_settings(cfg.segment, resolve_device(cfg.device))
+    record_segmenter(out_dir, name, kw, reason)
     workers = cfg.num_workers if args.workers is None else args.workers
     stage = f"03_segment_{args.split}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "")
     with stage_timer(args.run, stage):

@@ -28,7 +28,8 @@ from hpa.config import SegmentSettings
 from hpa.io.errors import InputError
 from hpa.io.fields import read_field, read_mask, write_mask
 from hpa.io.layout import check_images_exist, list_split
-from hpa.utils.fs import write_csv
+from hpa.segment import resolve_segmenter
+from hpa.utils.fs import write_csv, write_json
 from hpa.utils.parallel import map_jobs
 from hpa.utils.shards import merge_shard_tables, merge_when_complete, select_shard, shard_path
 
@@ -67,27 +68,26 @@ def mask_stats(image_id: str, cells: np.ndarray, nuclei: np.ndarray, seconds: fl
     }
 
 
-def segmenter_settings(section: SegmentSettings, device: str = "cpu") -> tuple[str, dict]:
-    """``(name, kwargs)`` for :func:`hpa.segment.get_segmenter` from the ``segment`` settings section.
+def segmenter_settings(section: SegmentSettings, device: str = "cpu") -> tuple[str, dict, str]:
+    """``(name, kwargs, reason)`` for :func:`hpa.segment.get_segmenter` from the ``segment`` settings.
 
-    ``auto`` resolves to ``hpacellseg`` when the package is importable and both weight files are
-    given, to ``classical`` otherwise (logged with the reason).
+    ``auto`` resolves to ``hpacellseg`` when the package imports and both weight files exist, to
+    ``classical`` otherwise (:func:`hpa.segment.resolve_segmenter`); ``reason`` says which and why.
     """
-    name = section.segmenter
     h = section.hpacellseg
-    if name == "auto":
-        import importlib.util
-
-        have_pkg = importlib.util.find_spec("hpacellseg") is not None
-        name = "hpacellseg" if have_pkg and h.nuclei_weights and h.cell_weights else "classical"
-        why = ("package importable and both weight files given" if name == "hpacellseg" else
-               "hpacellseg is not installed" if not have_pkg else "segment.hpacellseg.nuclei_weights/cell_weights not given")
-        log.info("segment.segmenter=auto -> %s (%s)", name, why)
+    name, reason = resolve_segmenter(section.segmenter, h.nuclei_weights, h.cell_weights)
+    log.info("segmenter %s (%s)", name, reason)
     if name == "classical":
-        return name, dataclasses.asdict(section.classical)
+        return name, dataclasses.asdict(section.classical), reason
     return name, {"nuclei_model": h.nuclei_weights, "cell_model": h.cell_weights, "scale_factor": h.scale_factor,
                   "padding": h.padding, "multi_channel_model": h.multi_channel_model, "labeler": h.labeler,
-                  "reference_size": h.reference_size, "device": device}
+                  "reference_size": h.reference_size, "device": device}, reason
+
+
+def record_segmenter(out_dir: str | os.PathLike, name: str, kw: dict, reason: str) -> Path:
+    """``{out_dir}/segmenter.json``: which segmenter made the masks, why, and its settings (for the report)."""
+    settings = {k: v for k, v in kw.items() if k != "device"}
+    return write_json(Path(out_dir) / "segmenter.json", {"segmenter": name, "reason": reason, "settings": settings})
 
 
 # ------------------------------------------------------------------ worker side
