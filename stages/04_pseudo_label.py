@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hpa.config import add_common_args, setup_run
 from hpa.pipeline.cli import run_stage
-from hpa.pipeline.pseudo_labels import build_cell_table_shard, make_pseudo_labels, merge_cell_tables
+from hpa.pipeline.pseudo_labels import cell_table_shard_stage, make_pseudo_labels, merge_cell_tables
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -42,12 +42,8 @@ def main(argv=None):
 def run(args):
     shard = parse_shard(args.shard)
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    p = cfg.pseudo
     if shard[1] > 1:
-        with stage_timer(args.run, f"04_cell_table_train_shard{shard[0]}of{shard[1]}"):
-            path = build_cell_table_shard(args.run, cfg.data, "train", shard, p.topk_frac, p.work_size,
-                                          force=args.force, view=p.cell_view)
-        print(f"cell table shard: {path}")
+        cell_table_shard_stage(args.run, cfg, "train", shard, "04", force=args.force)
         return
     out = Path(args.run) / f"cycle{args.cycle}" / "pseudo_labels.parquet"
     if out.is_file() and not args.force and not args.merge:
@@ -56,7 +52,7 @@ def run(args):
     with stage_timer(args.run, f"04_pseudo_label_cycle{args.cycle}"):
         if args.merge:
             merge_cell_tables(args.run, cfg.data, "train", args.merge)
-        make_pseudo_labels(args.run, cfg.data, args.cycle, p, force=args.force and not args.merge)
+        make_pseudo_labels(args.run, cfg.data, args.cycle, cfg.pseudo, force=args.force and not args.merge)
 
 
 if __name__ == "__main__":

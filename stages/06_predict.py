@@ -19,7 +19,7 @@ import argparse
 from hpa.config import add_common_args, setup_run
 from hpa.pipeline.cli import run_stage
 from hpa.pipeline.predict import predict_test
-from hpa.pipeline.pseudo_labels import build_cell_table_shard, merge_cell_tables
+from hpa.pipeline.pseudo_labels import cell_table_shard_stage, merge_cell_tables
 from hpa.utils.shards import parse_shard
 from hpa.utils.timing import stage_timer
 
@@ -41,12 +41,8 @@ def main(argv=None):
 def run(args):
     shard = parse_shard(args.shard)
     cfg = setup_run(args.run, args.data, args.profile, args.config, args.overrides)
-    p = cfg.pseudo
     if shard[1] > 1:
-        with stage_timer(args.run, f"06_cell_table_test_shard{shard[0]}of{shard[1]}"):
-            path = build_cell_table_shard(args.run, cfg.data, "test", shard, p.topk_frac, p.work_size,
-                                          force=args.force, view=p.cell_view)
-        print(f"cell table shard: {path}")
+        cell_table_shard_stage(args.run, cfg, "test", shard, "06", force=args.force)
         return
     with stage_timer(args.run, "06_predict"):
         if args.merge:

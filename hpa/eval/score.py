@@ -21,13 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from hpa.constants import IOU_THRESHOLD
 from hpa.eval.metric import MODES, MetricResult, submission_map
 from hpa.eval.submission import read_submission
 from hpa.io.errors import InputError
-from hpa.io.layout import parse_label_string
+from hpa.io.layout import parse_label_string, read_csv_table
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +44,7 @@ def read_cell_labels(csv_path: str | os.PathLike, split: str = "test") -> dict[s
     missing columns, bad cell ids or labels, duplicate (ID, cell_id) rows, and an unknown split.
     """
     csv_path = Path(csv_path)
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"{csv_path}: cell labels file not found") from None
-    except Exception as exc:
-        raise InputError(f"{csv_path}: cannot parse CSV ({exc})") from None
-    need = ["ID", "cell_id", "Label"] + ([] if split == "all" else ["split"])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise InputError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}")
+    df = read_csv_table(csv_path, "cell labels file", ["ID", "cell_id", "Label"] + ([] if split == "all" else ["split"]))
     rows = range(len(df))
     if split != "all":
         splits = df["split"].str.strip()

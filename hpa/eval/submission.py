@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
-import pandas as pd
 
 from hpa.constants import NUM_CLASSES
 from hpa.eval.rle import RLEError, decode_rles, encode_instances, encode_mask, rle_to_mask
 from hpa.io.errors import InputError
+from hpa.io.layout import read_csv_table
 from hpa.utils.fs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -238,15 +238,7 @@ def read_submission(path: str | os.PathLike) -> dict[str, SubmissionImage]:
     classes outside 0..18 and bad masks.
     """
     path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise SubmissionError(f"{path}: submission file not found") from None
-    except Exception as exc:
-        raise SubmissionError(f"{path}: cannot parse CSV ({exc})") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise SubmissionError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    df = read_csv_table(path, "submission file", COLUMNS, SubmissionError)
     out: dict[str, SubmissionImage] = {}
     n_pred = n_mask = 0
     for i, (image_id, w_txt, h_txt, ps) in enumerate(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,22 +36,33 @@ def parse_label_string(text, where: str) -> list[int]:
     return sorted(set(labels))
 
 
+def read_csv_table(path: str | os.PathLike, what: str, columns: Sequence[str] = (),
+                   error: type[Exception] = InputError) -> pd.DataFrame:
+    """A CSV file read as strings (no NaN), with the required ``columns``.
+
+    Raises ``error`` naming the file and ``what`` it is when it is missing or unparsable, and
+    the columns found when a required one is missing.
+    """
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except Exception as exc:
+        raise error(f"{path}: cannot parse CSV ({exc})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise error(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    return df
+
+
 def read_labels(csv_path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Read a Kaggle ``train.csv`` (``ID,Label``) into ``(ids, multi_hot)``.
 
     ``multi_hot`` is uint8 ``(N, 19)``. Raises :class:`InputError` naming the file and
     row for missing columns, malformed labels, classes outside 0..18 and duplicate IDs.
     """
-    csv_path = Path(csv_path)
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"{csv_path}: labels file not found") from None
-    except Exception as exc:
-        raise InputError(f"{csv_path}: cannot parse CSV ({exc})") from None
-    missing = [c for c in ("ID", "Label") if c not in df.columns]
-    if missing:
-        raise InputError(f"{csv_path}: missing column(s) {missing}; found {list(df.columns)}")
+    df = read_csv_table(csv_path, "labels file", ("ID", "Label"))
     ids = [s.strip() for s in df["ID"]]
     y = np.zeros((len(df), NUM_CLASSES), np.uint8)
     seen: dict[str, int] = {}
@@ -69,13 +81,7 @@ def read_labels(csv_path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 def read_ids(csv_path: str | os.PathLike) -> list[str]:
     """IDs of a ``test.csv`` / ``sample_submission.csv`` (column ``ID``), checked for duplicates."""
-    csv_path = Path(csv_path)
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"{csv_path}: file not found") from None
-    if "ID" not in df.columns:
-        raise InputError(f"{csv_path}: missing column 'ID'; found {list(df.columns)}")
+    df = read_csv_table(csv_path, "ID list", ("ID",))
     ids = [s.strip() for s in df["ID"]]
     dup = pd.Series(ids)[pd.Series(ids).duplicated()]
     if len(dup):

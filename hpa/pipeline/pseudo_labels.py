@@ -28,7 +28,7 @@ from hpa.cells.pseudo_rules import (
     mixed_evidence,
 )
 from hpa.cells.table import build_cell_table
-from hpa.config import PseudoSettings
+from hpa.config import PseudoSettings, Settings
 from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS, TARGET_COLS
 from hpa.eval import gt as gtmod
 from hpa.io.errors import InputError
@@ -43,6 +43,7 @@ from hpa.utils.shards import (
     shard_path,
     shard_sets,
 )
+from hpa.utils.timing import stage_timer
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,17 @@ def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, sh
         log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
                  len(mine), path)
     merge_when_complete(cell_table_path(run, split), shard, lambda n: merge_cell_tables(run, data_dir, split, n))
+    return path
+
+
+def cell_table_shard_stage(run: str | Path, cfg: Settings, split: str, shard: tuple[int, int], stage: str,
+                           force: bool = False) -> Path:
+    """What stages 04 (train) and 06 (test) do with ``--shard i/N``: build, time and report one shard table."""
+    p = cfg.pseudo
+    with stage_timer(run, f"{stage}_cell_table_{split}_shard{shard[0]}of{shard[1]}"):
+        path = build_cell_table_shard(run, cfg.data, split, shard, p.topk_frac, p.work_size, force=force,
+                                      view=p.cell_view)
+    print(f"cell table shard: {path}")
     return path
 
 

@@ -39,7 +39,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from hpa.segment.common import check_field, empty_masks, finalize_masks
+from hpa.segment.common import check_field, empty_masks, finalize_masks, remove_small_labels
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,6 @@ def _log_otsu(x: np.ndarray, eps: float) -> float:
     if float(lx.max() - lx.min()) < 1e-6:
         return float("inf")
     return float(np.exp(threshold_otsu(lx)) - eps)
-
-
-def _remove_small(labels: np.ndarray, min_area: float) -> np.ndarray:
-    if labels.max() == 0:
-        return labels
-    areas = np.bincount(labels.ravel())
-    small = areas < min_area
-    small[0] = False
-    if small.any():
-        labels = labels.copy()
-        labels[small[labels]] = 0
-    return labels
 
 
 def segment_nuclei(blue: np.ndarray, p: ClassicalParams) -> tuple[np.ndarray, float]:
@@ -153,7 +141,7 @@ def segment_nuclei(blue: np.ndarray, p: ClassicalParams) -> tuple[np.ndarray, fl
     if missing.any():
         extra = cv2.connectedComponents(missing.astype(np.uint8), connectivity=4)[1]
         labels[missing] = extra[missing] + labels.max()
-    labels = _remove_small(labels, p.min_nucleus * med)
+    labels = remove_small_labels(labels, p.min_nucleus * med)
     kept = np.bincount(labels.ravel())[1:]
     kept = kept[kept > 0]
     return labels, float(np.median(kept)) if kept.size else 0.0
@@ -210,7 +198,7 @@ class ClassicalSegmenter:
         cyto = (red + yellow + p.green_weight * green) / (2.0 + p.green_weight)
         cells = segment_cells(cyto, nuclei, nuc_area, p)
         cells = _fill_label_holes(cells, p.fill_holes * nuc_area)
-        cells = _remove_small(cells, p.min_cell * nuc_area)
+        cells = remove_small_labels(cells, p.min_cell * nuc_area)
         nuclei = np.where(cells == nuclei, nuclei, 0)
         cells, nuclei = finalize_masks(cells, nuclei)
         if (h, w) != (H, W):  # nearest upsampling keeps every label and nucleus k inside cell k

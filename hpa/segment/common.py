@@ -81,3 +81,14 @@ def check_masks(cell_mask: np.ndarray, nuclei_mask: np.ndarray, require_nucleus:
     nids = np.unique(nuclei_mask[inside])
     if require_nucleus:
         assert np.array_equal(nids, ids), f"cells without nucleus: {sorted(int(i) for i in set(ids) - set(nids))[:10]}"
+
+
+def remove_small_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
+    """``labels`` (instance ids, 0 background) with every instance smaller than ``min_area`` pixels set to 0
+    (ids are kept; a new array only when something is removed)."""
+    if labels.max() == 0:
+        return labels
+    areas = np.bincount(labels.ravel())
+    small = areas < min_area
+    small[0] = False
+    return np.where(small[labels], 0, labels) if small.any() else labels

@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from hpa.segment.common import check_field, empty_masks, finalize_masks
+from hpa.segment.common import check_field, empty_masks, finalize_masks, remove_small_labels
 from hpa.segment.hpacellseg_labels import MAX_NARROW_ID, label_cell_wide, package_nuclei
 
 log = logging.getLogger(__name__)
@@ -328,28 +328,19 @@ def label_predictions(nuc_pred: np.ndarray, cell_pred: np.ndarray, nuc_threshold
     cell = cell_pred[..., 2].astype(np.float32) / 255
     # nuclei: seeds inside confident nuclei away from borders, grown over the nucleus mask
     seeds = cv2.connectedComponents(((nuc > nuc_threshold) & (border < border_threshold)).astype(np.uint8), connectivity=4)[1]
-    seeds = _drop_small(seeds, _NUC_SEED_MIN * area)
+    seeds = remove_small_labels(seeds, _NUC_SEED_MIN * area)
     nuc_mask = _fill_small_holes(nuc > nuc_threshold, _HOLE_MAX * area)
     nuclei = watershed(-nuc, seeds, mask=nuc_mask, watershed_line=True).astype(np.int32)
-    nuclei = _drop_small(nuclei, _NUC_MIN * area)
+    nuclei = remove_small_labels(nuclei, _NUC_MIN * area)
     if nuclei.max() == 0:
         return np.zeros(nuc.shape, np.int32), np.zeros(nuc.shape, np.int32)
     # cells: nucleus-seeded watershed over the cell probability, inside the confident cell region
     t = max(cell_threshold_min, 0.5 * float(threshold_otsu(cell))) if cell.max() > cell.min() else cell_threshold_min
     region = ((cell > t) & (cell_pred[..., 1] <= border_threshold * 255)) | (nuclei > 0)
     cells = watershed(-np.maximum(cell, t), nuclei, mask=region).astype(np.int32)
-    cells = _drop_small(cells, _CELL_MIN * area)
+    cells = remove_small_labels(cells, _CELL_MIN * area)
     nuclei = np.where(cells == nuclei, nuclei, 0)
     return nuclei, cells
-
-
-def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
-    if labels.max() == 0:
-        return labels
-    areas = np.bincount(labels.ravel())
-    small = areas < min_area
-    small[0] = False
-    return np.where(small[labels], 0, labels) if small.any() else labels
 
 
 def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
