@@ -7,8 +7,11 @@ blobs that overlap split the overlap along a shared curved boundary: touching ce
 a confluent culture. Each cell holds one irregular elliptical nucleus; mitotic cells are
 round and hold condensed chromosomes (a metaphase plate, or two anaphase plates) instead.
 
-Every length is a fraction of the field size ``S`` (``s = S / 256`` scales pixel widths),
-so the same seed gives the same picture at 128, 256 or 512 px, up to resolution.
+Every length is a fraction of the field size ``S`` times the cell scale ``c``
+(``s = c * S / 256`` scales pixel widths), so the same seed gives the same picture at 128, 256
+or 512 px, up to resolution. ``c`` (``--cell-scale``) changes the cells' size without changing
+the field's: at ``c = 0.5`` cells are half as wide and a field holds about four times as many
+(the number drawn is divided by ``c**2``); ``c = 1`` is the default benchmark, byte for byte.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Layout:
         centrosome: float (K+1, 2) position of the microtubule-organising centre.
         spindle_axis: float (K+1,) angle (rad) of the spindle axis of mitotic cells.
         nucleoli_list: per cell, list of (y, x, radius) of its nucleoli.
-        size: S; scale: S / 256.
+        size: S; scale: c * S / 256 (c: the cell scale), the factor of every width in pixels.
     """
 
     cell_mask: np.ndarray
@@ -101,25 +104,28 @@ def _place_centres(rng, size, radii, spacing, margin, fixed_margin):
 
     Returns ``(indices of placed cells, (n, 2) centres)`` or ``None`` when a flagged cell found no place.
     """
-    idx, pts = [], []
+    idx, pts = [], np.zeros((len(radii), 2))
     for i, r in enumerate(radii):
         m = max(margin, r * 1.05) if fixed_margin[i] else margin
+        n = len(idx)
+        need = spacing * (r + radii[np.array(idx, dtype=int)])
         for _ in range(80):
             p = rng.uniform(m, size - m, 2)
-            if all(np.hypot(*(p - pts[j])) >= spacing * (r + radii[idx[j]]) for j in range(len(pts))):
+            d = pts[:n] - p
+            if np.all(np.hypot(d[:, 0], d[:, 1]) >= need):
                 idx.append(i)
-                pts.append(p)
+                pts[n] = p
                 break
         else:
             if fixed_margin[i]:
                 return None
-    if not pts:
+    if not idx:
         return None
-    return np.array(idx), np.array(pts)
+    return np.array(idx), pts[:len(idx)].copy()
 
 
 def make_layout(rng: np.random.Generator, size: int = 256, n_mitotic: int = 0, min_interphase: int = 4,
-                max_tries: int = 20) -> Layout:
+                max_tries: int = 20, cell_scale: float = 1.0) -> Layout:
     """Draw the cells and nuclei of one field.
 
     Args:
@@ -128,23 +134,30 @@ def make_layout(rng: np.random.Generator, size: int = 256, n_mitotic: int = 0, m
         n_mitotic: number of rounded mitotic cells that must appear (kept away from the border).
         min_interphase: the layout is redrawn until at least this many interphase cells remain.
         max_tries: redraws before giving up (RuntimeError).
+        cell_scale: cell size factor ``c`` (0.1..4): cells ``c`` times as wide, about ``1 / c**2``
+            times as many per field.
 
     Returns:
-        a :class:`Layout` with 8-20 cells for typical draws (some cut by the border, some touching).
+        a :class:`Layout` with 8-20 cells for typical draws at ``c = 1`` (some cut by the border,
+        some touching).
     """
     if size < 64:
         raise ValueError(f"field size must be >= 64 px, got {size}")
+    if not 0.1 <= cell_scale <= 4.0:
+        raise ValueError(f"cell_scale must lie in 0.1..4, got {cell_scale}")
     for _ in range(max_tries):
-        lay = _try_layout(rng, size, n_mitotic)
+        lay = _try_layout(rng, size, n_mitotic, float(cell_scale))
         if lay is not None and int((~lay.mitotic[1:]).sum()) >= min_interphase and int(lay.mitotic.sum()) == n_mitotic:
             return lay
     raise RuntimeError(f"could not draw a layout with {n_mitotic} mitotic and >= {min_interphase} interphase cells")
 
 
-def _try_layout(rng: np.random.Generator, size: int, n_mitotic: int) -> Layout | None:
+def _try_layout(rng: np.random.Generator, size: int, n_mitotic: int, cell_scale: float = 1.0) -> Layout | None:
     S = size
-    s = S / 256.0
+    s = S / 256.0 * cell_scale
     n_target = int(rng.integers(9, 22))
+    if cell_scale != 1.0:
+        n_target = max(1, int(round(n_target / cell_scale ** 2)))
     coverage = rng.uniform(0.35, 0.95)
     r_mean = np.sqrt(coverage * S * S / (n_target * np.pi))
     elong_img = rng.uniform(1.0, 2.2)  # per-image "cell line": rounder or more spread cells
@@ -153,7 +166,7 @@ def _try_layout(rng: np.random.Generator, size: int, n_mitotic: int) -> Layout |
     mit = np.zeros(n_target, bool)
     mit[: min(n_mitotic, n_target)] = True
     spacing = rng.uniform(0.75, 1.1)
-    placed = _place_centres(rng, S, radii, spacing, 0.02 * S, mit)
+    placed = _place_centres(rng, S, radii, spacing, 0.02 * S * min(cell_scale, 1.0), mit)
     if placed is None:
         return None
     idx, centres = placed

@@ -1,6 +1,6 @@
 """Synthetic HPA-like benchmark with single-cell ground truth.
 
-``python -m hpa.synth OUT --n-train 400 --n-test 300 --size 256 --seed 0 [--workers 2]`` writes
+``python -m hpa.synth OUT --n-train 400 --n-test 300 --size 256 --seed 0 [--cell-scale 1] [--workers 2]`` writes
 a data set in the Kaggle "HPA Single Cell Classification" layout::
 
     OUT/train.csv                       ID,Label (classes joined by '|')
@@ -67,19 +67,23 @@ class SynthField:
     layout: Layout | None = None
 
 
-def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[int, ...] | None = None) -> SynthField:
+def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[int, ...] | None = None,
+               cell_scale: float = 1.0) -> SynthField:
     """Generate one field whose image label is ``image_labels`` (drawn from HPA statistics if None).
 
     Args:
         rng: the only source of randomness (same state -> same bytes).
         size: side S in pixels (>= 64; 128, 256 and 512 look alike at different resolutions).
         image_labels: 1-4 classes of 0..17, or (18,) for a field with only negative cells.
+        cell_scale: cell size factor ``c``: cells ``c`` times as wide, about ``1 / c**2`` times as
+            many per field (:func:`hpa.synth.cells.make_layout`); 1 is the default benchmark.
     """
     if image_labels is None:
         image_labels = sample_label_sets(rng, 1, ensure_all=False)[0]
     image_labels = tuple(sorted({int(c) for c in image_labels}))
     n_inter = len([c for c in image_labels if c not in (11, NEGATIVE)])
-    lay = make_layout(rng, size, n_mitotic=n_mitotic_for(rng, image_labels), min_interphase=max(4, n_inter))
+    lay = make_layout(rng, size, n_mitotic=n_mitotic_for(rng, image_labels), min_interphase=max(4, n_inter),
+                      cell_scale=cell_scale)
     cell_labels = assign_cell_labels(rng, image_labels, lay.mitotic[1:])
     got = image_label_from_cells(cell_labels)
     if got != image_labels:  # cannot happen unless assign_cell_labels is broken
@@ -98,9 +102,9 @@ def _label_str(labels) -> str:
 
 
 def _job(args):
-    out, split, index, seed, size, labels = args
+    out, split, index, seed, size, labels, cell_scale = args
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
-    f = make_field(rng, size, labels)
+    f = make_field(rng, size, labels, cell_scale)
     iid = image_id(split, index)
     write_field(Path(out) / split, iid, f.field)
     write_mask(Path(out) / "gt" / f"{iid}_cellmask.png", f.cell_mask)
@@ -108,23 +112,28 @@ def _job(args):
     return iid, split, f.image_labels, f.cell_labels
 
 
-def _meta(n_train, n_test, size, seed) -> dict:
-    return {"generator": "hpa.synth", "version": GENERATOR_VERSION, "n_train": n_train, "n_test": n_test,
+def _meta(n_train, n_test, size, seed, cell_scale=1.0) -> dict:
+    meta = {"generator": "hpa.synth", "version": GENERATOR_VERSION, "n_train": n_train, "n_test": n_test,
             "size": size, "seed": seed}
+    if cell_scale != 1.0:  # absent at 1: the default benchmark's meta (and bytes) are unchanged
+        meta["cell_scale"] = cell_scale
+    return meta
 
 
 def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size: int = 256, seed: int = 0,
-                     workers: int = 1, force: bool = False, progress: bool = True) -> Path:
+                     workers: int = 1, force: bool = False, progress: bool = True, cell_scale: float = 1.0) -> Path:
     """Write a synthetic data set (layout in the module docstring) and return its folder.
 
     Args:
         out_dir: destination folder (created).
         n_train, n_test: numbers of fields (>= 0, n_train >= 1).
         size: field side in pixels (>= 64).
-        seed: integer seed; output bytes depend only on (seed, n_train, n_test, size).
+        seed: integer seed; output bytes depend only on (seed, n_train, n_test, size, cell_scale).
         workers: processes (1 = in this process); does not change the output.
         force: regenerate even when ``OUT/gt/synth_meta.json`` says the same set is complete.
         progress: show a tqdm progress bar.
+        cell_scale: cell size factor (0.1..4) independent of the field size: 0.5 gives cells half as
+            wide and about four times as many per field.
 
     The CSVs are written last (each atomically), so a folder with ``gt/synth_meta.json``
     matching the arguments is a complete data set and is left as it is unless ``force``.
@@ -135,8 +144,10 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
         raise ValueError(f"size must be >= 64 px, got {size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0.1 <= cell_scale <= 4.0:
+        raise ValueError(f"cell_scale must lie in 0.1..4, got {cell_scale}")
     out = Path(out_dir)
-    meta = _meta(int(n_train), int(n_test), int(size), int(seed))
+    meta = _meta(int(n_train), int(n_test), int(size), int(seed), float(cell_scale))
     meta_path = out / "gt" / "synth_meta.json"
     if not force and meta_path.is_file() and (out / "train.csv").is_file():
         import json
@@ -153,9 +164,9 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
     jobs = []
     for split, n in (("train", n_train), ("test", n_test)):
         sets = sample_label_sets(np.random.default_rng([seed, _SPLIT_CODE[split], 10 ** 9]), n)
-        jobs += [(str(out), split, i, int(seed), int(size), sets[i]) for i in range(n)]
-    log.info("generating %d train + %d test fields of %d px (seed %d, %d workers) in %s",
-             n_train, n_test, size, seed, workers, out)
+        jobs += [(str(out), split, i, int(seed), int(size), sets[i], float(cell_scale)) for i in range(n)]
+    log.info("generating %d train + %d test fields of %d px (cell scale %g, seed %d, %d workers) in %s",
+             n_train, n_test, size, cell_scale, seed, workers, out)
     results = list(map_jobs(_job, jobs, workers, desc="synth", progress=progress))
 
     img_rows, cell_rows = [], []
@@ -199,9 +210,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--n-test", type=int, default=100, help="number of test fields (default 100)")
     ap.add_argument("--size", type=int, default=256, help="field side in pixels (default 256)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--cell-scale", type=float, default=1.0,
+                    help="cell size factor independent of the field size (default 1; 0.5: cells half as wide, "
+                         "about 4x as many per field)")
     ap.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
     ap.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this set")
     a = ap.parse_args(argv)
     setup_logging()
-    return generate_dataset(a.out, a.n_train, a.n_test, a.size, a.seed, a.workers, a.force)
+    return generate_dataset(a.out, a.n_train, a.n_test, a.size, a.seed, a.workers, a.force, cell_scale=a.cell_scale)
 

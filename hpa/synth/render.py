@@ -7,7 +7,8 @@ a pattern layer tied to the cell's own structures times a per-cell brightness th
 cells not showing c (see :data:`PATTERNS`). The image then gets optical blur, uneven
 illumination, a per-image gain per channel, background and shot/read noise.
 
-All widths are ``pixels_at_256 * s`` with ``s = S / 256``.
+All widths are ``pixels_at_256 * s`` with ``s = c * S / 256`` (``Layout.scale``: the field size ``S``
+times the cell scale ``c``); only the illumination and the vignette follow the field itself.
 """
 
 from __future__ import annotations

@@ -223,6 +223,36 @@ def test_other_sizes(size):
     assert 0.005 < frac < 0.12
 
 
+def _median_diameter(mask):
+    areas = np.bincount(mask.ravel())[1:]
+    return 2 * np.sqrt(np.median(areas[areas > 0]) / np.pi)
+
+
+def test_cell_scale_changes_the_cells_not_the_field():
+    """--cell-scale 0.5 on a twice larger field: cells as many pixels wide as at scale 1, four times as many."""
+    d, n = {}, {}
+    for size, c in ((256, 1.0), (512, 0.5), (256, 0.5)):
+        fields = [make_field(np.random.default_rng([3, i]), size, (0, 13), cell_scale=c) for i in range(4)]
+        assert all(f.field.shape == (4, size, size) and f.layout.scale == size / 256 * c for f in fields)
+        d[size, c] = np.mean([_median_diameter(f.cell_mask) for f in fields])
+        n[size, c] = np.mean([f.cell_mask.max() for f in fields])
+    assert 0.8 < d[512, 0.5] / d[256, 1.0] < 1.25 and 2.8 < n[512, 0.5] / n[256, 1.0] < 5.5
+    assert 0.4 < d[256, 0.5] / d[256, 1.0] < 0.6
+    with pytest.raises(ValueError, match="cell_scale"):
+        make_field(np.random.default_rng(0), 256, (0,), cell_scale=0.05)
+
+
+def test_cell_scale_in_the_cli_and_the_meta(tmp_path):
+    import json
+
+    out = main([str(tmp_path / "half"), "--n-train", "1", "--n-test", "0", "--size", "128", "--cell-scale", "0.5"])
+    assert json.loads((out / "gt" / "synth_meta.json").read_text())["cell_scale"] == 0.5
+    one = generate_dataset(tmp_path / "one", 1, 0, size=128, progress=False)
+    assert "cell_scale" not in json.loads((one / "gt" / "synth_meta.json").read_text())  # scale 1: as before
+    assert read_mask(out / "gt" / "syn-train-00001_cellmask.png").max() > read_mask(
+        one / "gt" / "syn-train-00001_cellmask.png").max()
+
+
 # ----------------------------------------------------------------------------- labels
 def test_assign_cell_labels_rules():
     rng = np.random.default_rng(0)
