@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: synthetic data (unless --data), then every stage in order; a re-run resumes.
-#   bash run_all.sh [--data DIR] [--run DIR] [--profile quick|default|full]
+#   bash run_all.sh [--data DIR] [--run DIR] [--profile quick|default|hard|full]
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,8 +25,9 @@ if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
     case "$PROFILE" in
         quick) SYNTH=(--n-train 24 --n-test 8 --size 128) ;;
         default) SYNTH=(--n-train 400 --n-test 300 --size 256) ;;  # 300 test fields: rare classes get 2-3 each
+        hard) SYNTH=(--n-train 400 --n-test 300 --size 256 --difficulty hard) ;;  # docs/synth.md: the hard benchmark
         full) SYNTH=(--n-train 2000 --n-test 400 --size 512) ;;
-        *) echo "run_all.sh: unknown profile $PROFILE (quick, default, full)" >&2; exit 2 ;;
+        *) echo "run_all.sh: unknown profile $PROFILE (quick, default, hard, full)" >&2; exit 2 ;;
     esac
     DATA="data/synth-$PROFILE"
     "$PY" -m hpa.synth "$DATA" "${SYNTH[@]}" --seed 0 --workers 2

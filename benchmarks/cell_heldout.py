@@ -70,7 +70,8 @@ def prepare(run: Path, work: Path, n: int, seed: int, workers: int) -> tuple[Pat
     meta = json.loads(synth_meta.read_text())
     if int(meta.get("seed", -1)) == seed:
         sys.exit(f"--seed {seed} is the seed of the run's own data: choose another")
-    data = generate_dataset(work / "data", 1, n, size=int(meta["size"]), seed=seed, workers=workers, progress=False)
+    data = generate_dataset(work / "data", 1, n, size=int(meta["size"]), seed=seed, workers=workers, progress=False,
+                            cell_scale=meta.get("cell_scale", 1.0), difficulty=meta.get("difficulty", "default"))
     wrun = work / "run"
     wrun.mkdir(parents=True, exist_ok=True)
     if not (wrun / "image_model").exists():

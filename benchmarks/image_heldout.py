@@ -30,7 +30,7 @@ from hpa.constants import CLASS_NAMES
 from hpa.data.cache import build_field_cache
 from hpa.engine.checkpoint import load_model
 from hpa.engine.inference import predict
-from hpa.io.layout import list_split
+from hpa.io.layout import read_labels
 from hpa.synth.generate import generate_dataset
 
 
@@ -53,15 +53,15 @@ def main(argv=None):
 
     run = Path(args.run)
     model, meta = load_model(run / "image_model" / "model.pt")
-    size = args.size
-    if size is None:  # the resolution of the data the run was trained on
-        synth_meta = Path(meta.get("data", "")) / "gt" / "synth_meta.json"
-        size = json.loads(synth_meta.read_text())["size"] if synth_meta.is_file() else 256
+    synth_meta = Path(meta.get("data", "")) / "gt" / "synth_meta.json"
+    made = json.loads(synth_meta.read_text()) if synth_meta.is_file() else {}  # how the run's data were made
+    size = args.size or made.get("size", 256)
     tmp = tempfile.TemporaryDirectory()
     out = Path(args.keep) if args.keep else Path(tmp.name) / "heldout"
     t = time.perf_counter()
-    generate_dataset(out, args.n, 0, size=size, seed=args.seed, workers=2, progress=False)
-    ids, y = list_split(out, "train")
+    generate_dataset(out, args.n, 0, size=size, seed=args.seed, workers=2, progress=False,
+                     cell_scale=made.get("cell_scale", 1.0), difficulty=made.get("difficulty", "default"))
+    ids, y = read_labels(out / "gt" / "image_labels.csv")  # the true labels (train.csv may hold noisy ones)
     s = int(meta["image_size"])
     cache = build_field_cache(out, "train", ids, s, out / f"cache_{s}.npy", workers=2, progress=False)
     prep = time.perf_counter() - t

@@ -402,6 +402,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "cell_model": {"crop_size": 32, "epochs": 1, "batch_size": 32, "samples_per_epoch": None},
     },
     "default": {},  # bash run_all.sh on a fresh machine: synthetic data, ~20 min on 2 CPU cores
+    "hard": {},  # bash run_all.sh --profile hard: the hard synthetic benchmark (docs/synth.md), default settings
     "full": {  # real HPA scale on a GPU
         "num_workers": 8,
         # long runs on thousands of fields: EfficientNet's own regularisation (dropout, stochastic depth)

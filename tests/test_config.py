@@ -28,7 +28,7 @@ def test_profiles_and_overrides():
 def test_unknown_keys_list_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown setting 'image_model.epoch'.*'epochs'"):
         build_config("quick", overrides=["image_model.epoch=3"])
-    with pytest.raises(ConfigError, match=r"valid profiles: \['default', 'full', 'quick'\]"):
+    with pytest.raises(ConfigError, match=r"valid profiles: \['default', 'full', 'hard', 'quick'\]"):
         build_config("fast")
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["epochs"])

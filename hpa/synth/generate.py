@@ -35,7 +35,8 @@ import pandas as pd
 from hpa.constants import NEGATIVE
 from hpa.io.fields import write_field, write_mask
 from hpa.synth.cells import Layout, make_layout
-from hpa.synth.labels import assign_cell_labels, image_label_from_cells, n_mitotic_for, sample_label_sets
+from hpa.synth.difficulty import DIFFICULTIES, Difficulty, get_difficulty
+from hpa.synth.labels import assign_cell_labels, image_label_from_cells, n_mitotic_for, noisy_label, sample_label_sets
 from hpa.synth.render import render_field
 from hpa.utils.fs import write_csv, write_json
 from hpa.utils.parallel import map_jobs
@@ -68,7 +69,7 @@ class SynthField:
 
 
 def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[int, ...] | None = None,
-               cell_scale: float = 1.0) -> SynthField:
+               cell_scale: float = 1.0, difficulty: Difficulty = DIFFICULTIES["default"]) -> SynthField:
     """Generate one field whose image label is ``image_labels`` (drawn from HPA statistics if None).
 
     Args:
@@ -77,18 +78,23 @@ def make_field(rng: np.random.Generator, size: int = 256, image_labels: tuple[in
         image_labels: 1-4 classes of 0..17, or (18,) for a field with only negative cells.
         cell_scale: cell size factor ``c``: cells ``c`` times as wide, about ``1 / c**2`` times as
             many per field (:func:`hpa.synth.cells.make_layout`); 1 is the default benchmark.
+        difficulty: :mod:`hpa.synth.difficulty` (the hard benchmark also varies the cell size
+            per field, log-uniformly in ``difficulty.cell_scale_range`` times ``cell_scale``).
     """
     if image_labels is None:
         image_labels = sample_label_sets(rng, 1, ensure_all=False)[0]
     image_labels = tuple(sorted({int(c) for c in image_labels}))
     n_inter = len([c for c in image_labels if c not in (11, NEGATIVE)])
+    lo, hi = difficulty.cell_scale_range
+    if (lo, hi) != (1.0, 1.0):
+        cell_scale = cell_scale * float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     lay = make_layout(rng, size, n_mitotic=n_mitotic_for(rng, image_labels), min_interphase=max(4, n_inter),
                       cell_scale=cell_scale)
-    cell_labels = assign_cell_labels(rng, image_labels, lay.mitotic[1:])
+    cell_labels = assign_cell_labels(rng, image_labels, lay.mitotic[1:], difficulty)
     got = image_label_from_cells(cell_labels)
     if got != image_labels:  # cannot happen unless assign_cell_labels is broken
         raise AssertionError(f"cells show {got}, image label is {image_labels}")
-    field = render_field(rng, lay, cell_labels)
+    field = render_field(rng, lay, cell_labels, difficulty)
     return SynthField(field, lay.cell_mask, lay.nuclei_mask, cell_labels, image_labels, lay)
 
 
@@ -102,26 +108,33 @@ def _label_str(labels) -> str:
 
 
 def _job(args):
-    out, split, index, seed, size, labels, cell_scale = args
+    out, split, index, seed, size, labels, cell_scale, difficulty = args
+    d = get_difficulty(difficulty)
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
-    f = make_field(rng, size, labels, cell_scale)
+    f = make_field(rng, size, labels, cell_scale, d)
     iid = image_id(split, index)
     write_field(Path(out) / split, iid, f.field)
     write_mask(Path(out) / "gt" / f"{iid}_cellmask.png", f.cell_mask)
     write_mask(Path(out) / "gt" / f"{iid}_nucleimask.png", f.nuclei_mask)
-    return iid, split, f.image_labels, f.cell_labels
+    given = f.image_labels  # the label an annotator wrote: imperfect for training images of the hard benchmark
+    if split == "train":
+        given = noisy_label(np.random.default_rng([seed, _SPLIT_CODE[split], index, 1]), f.image_labels, d)
+    return iid, split, f.image_labels, f.cell_labels, given
 
 
-def _meta(n_train, n_test, size, seed, cell_scale=1.0) -> dict:
+def _meta(n_train, n_test, size, seed, cell_scale=1.0, difficulty="default") -> dict:
     meta = {"generator": "hpa.synth", "version": GENERATOR_VERSION, "n_train": n_train, "n_test": n_test,
             "size": size, "seed": seed}
     if cell_scale != 1.0:  # absent at 1: the default benchmark's meta (and bytes) are unchanged
         meta["cell_scale"] = cell_scale
+    if difficulty != "default":
+        meta["difficulty"] = difficulty
     return meta
 
 
 def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size: int = 256, seed: int = 0,
-                     workers: int = 1, force: bool = False, progress: bool = True, cell_scale: float = 1.0) -> Path:
+                     workers: int = 1, force: bool = False, progress: bool = True, cell_scale: float = 1.0,
+                     difficulty: str = "default") -> Path:
     """Write a synthetic data set (layout in the module docstring) and return its folder.
 
     Args:
@@ -134,6 +147,9 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
         progress: show a tqdm progress bar.
         cell_scale: cell size factor (0.1..4) independent of the field size: 0.5 gives cells half as
             wide and about four times as many per field.
+        difficulty: ``default`` or ``hard`` (:mod:`hpa.synth.difficulty`; docs/synth.md). With label
+            noise, ``train.csv`` holds the annotators' labels, ``gt/image_labels.csv`` the true ones
+            and ``gt/label_noise.csv`` every difference.
 
     The CSVs are written last (each atomically), so a folder with ``gt/synth_meta.json``
     matching the arguments is a complete data set and is left as it is unless ``force``.
@@ -147,7 +163,8 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
     if not 0.1 <= cell_scale <= 4.0:
         raise ValueError(f"cell_scale must lie in 0.1..4, got {cell_scale}")
     out = Path(out_dir)
-    meta = _meta(int(n_train), int(n_test), int(size), int(seed), float(cell_scale))
+    get_difficulty(difficulty)
+    meta = _meta(int(n_train), int(n_test), int(size), int(seed), float(cell_scale), difficulty)
     meta_path = out / "gt" / "synth_meta.json"
     if not force and meta_path.is_file() and (out / "train.csv").is_file():
         import json
@@ -164,20 +181,25 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int, size
     jobs = []
     for split, n in (("train", n_train), ("test", n_test)):
         sets = sample_label_sets(np.random.default_rng([seed, _SPLIT_CODE[split], 10 ** 9]), n)
-        jobs += [(str(out), split, i, int(seed), int(size), sets[i], float(cell_scale)) for i in range(n)]
+        jobs += [(str(out), split, i, int(seed), int(size), sets[i], float(cell_scale), difficulty) for i in range(n)]
     log.info("generating %d train + %d test fields of %d px (cell scale %g, seed %d, %d workers) in %s",
              n_train, n_test, size, cell_scale, seed, workers, out)
     results = list(map_jobs(_job, jobs, workers, desc="synth", progress=progress))
 
-    img_rows, cell_rows = [], []
-    for iid, split, labels, cells in results:
+    img_rows, cell_rows, noise_rows = [], [], []
+    for iid, split, labels, cells, given in results:
         img_rows.append((iid, _label_str(labels), split))
         cell_rows += [(iid, k, _label_str(cl), split) for k, cl in enumerate(cells, start=1)]
+        if given != labels:
+            noise_rows.append((iid, _label_str(labels), _label_str(given)))
     img = pd.DataFrame(img_rows, columns=["ID", "Label", "split"])
     train, test = img[img.split == "train"], img[img.split == "test"]
     write_csv(out / "gt" / "cell_labels.csv", pd.DataFrame(cell_rows, columns=["ID", "cell_id", "Label", "split"]))
     write_csv(out / "gt" / "image_labels.csv", img)
-    write_csv(out / "train.csv", train[["ID", "Label"]])
+    given_of = {iid: _label_str(g) for iid, _, _, _, g in results}
+    write_csv(out / "train.csv", pd.DataFrame({"ID": train["ID"], "Label": train["ID"].map(given_of)}))
+    if difficulty != "default":  # which training labels differ from the truth (absent from the default set)
+        write_csv(out / "gt" / "label_noise.csv", pd.DataFrame(noise_rows, columns=["ID", "true", "given"]))
     write_csv(out / "test.csv", test[["ID"]])
     write_csv(out / "sample_submission.csv", pd.DataFrame(
         {"ID": test.ID.values, "ImageWidth": size, "ImageHeight": size, "PredictionString": ""}))
@@ -213,9 +235,13 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--cell-scale", type=float, default=1.0,
                     help="cell size factor independent of the field size (default 1; 0.5: cells half as wide, "
                          "about 4x as many per field)")
+    ap.add_argument("--difficulty", choices=list(DIFFICULTIES), default="default",
+                    help="default: the long-standing benchmark; hard: class variants, expression spread, confusable "
+                         "classes, imperfect training labels, cell size 0.5-1.5x (docs/synth.md)")
     ap.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
     ap.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this set")
     a = ap.parse_args(argv)
     setup_logging()
-    return generate_dataset(a.out, a.n_train, a.n_test, a.size, a.seed, a.workers, a.force, cell_scale=a.cell_scale)
+    return generate_dataset(a.out, a.n_train, a.n_test, a.size, a.seed, a.workers, a.force, cell_scale=a.cell_scale,
+                            difficulty=a.difficulty)
 

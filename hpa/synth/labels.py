@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from hpa.constants import NEGATIVE, NUM_CLASSES
+from hpa.synth.difficulty import DIFFICULTIES, Difficulty
 from hpa.synth.label_stats import label_set_weights
 from hpa.synth.render import MITOTIC_ALLOWED
 
-__all__ = ["sample_label_sets", "n_mitotic_for", "assign_cell_labels", "image_label_from_cells", "SPINDLE"]
+__all__ = ["sample_label_sets", "n_mitotic_for", "assign_cell_labels", "image_label_from_cells", "noisy_label",
+           "SPINDLE"]
 
 SPINDLE = 11
 
@@ -52,7 +54,8 @@ def n_mitotic_for(rng: np.random.Generator, image_labels: tuple[int, ...]) -> in
     return int(rng.random() < 0.12)
 
 
-def assign_cell_labels(rng: np.random.Generator, image_labels: tuple[int, ...], mitotic: np.ndarray) -> list[tuple[int, ...]]:
+def assign_cell_labels(rng: np.random.Generator, image_labels: tuple[int, ...], mitotic: np.ndarray,
+                       difficulty: Difficulty = DIFFICULTIES["default"]) -> list[tuple[int, ...]]:
     """Give every cell of a field its classes.
 
     Args:
@@ -63,8 +66,9 @@ def assign_cell_labels(rng: np.random.Generator, image_labels: tuple[int, ...], 
         K sorted tuples; a positive cell has 1-3 of the image's classes, a negative one ``(18,)``.
         Mitotic cells show 11 when the image has it (plus maybe one class of
         :data:`~hpa.synth.render.MITOTIC_ALLOWED`), interphase cells never show 11. Every image
-        class is shown by at least one cell. About 45% of fields are homogeneous (every
-        interphase cell positive); in the others 25-85% of the cells are positive.
+        class is shown by at least one cell. A share ``difficulty.homogeneous`` of fields is
+        homogeneous (every interphase cell positive; default 45%); in the others a share of the
+        cells drawn from ``difficulty.positive_frac`` is positive (default 25-85%).
     """
     mitotic = np.asarray(mitotic, bool)
     K = len(mitotic)
@@ -95,8 +99,8 @@ def assign_cell_labels(rng: np.random.Generator, image_labels: tuple[int, ...], 
 
     if not inter_classes:
         return labels
-    homogeneous = rng.random() < 0.45
-    frac = 1.0 if homogeneous else rng.uniform(0.25, 0.85)
+    homogeneous = rng.random() < difficulty.homogeneous
+    frac = 1.0 if homogeneous else rng.uniform(*difficulty.positive_frac)
     order = rng.permutation(inter)
     n_cls = len(inter_classes)
     for j, k in enumerate(order):
@@ -107,7 +111,7 @@ def assign_cell_labels(rng: np.random.Generator, image_labels: tuple[int, ...], 
         else:
             continue
         others = [c for c in inter_classes if c != must]
-        if homogeneous and rng.random() < 0.75:
+        if homogeneous and rng.random() < difficulty.all_classes:
             size = min(3, n_cls)  # most cells show all the image's classes
         else:
             size = min(3, n_cls, 1 + int(rng.binomial(n_cls - 1, 0.5)))
@@ -120,3 +124,20 @@ def image_label_from_cells(cell_labels: list[tuple[int, ...]]) -> tuple[int, ...
     """The HPA image label: union of the cells' classes without 18; ``(18,)`` if that is empty."""
     u = sorted({c for cl in cell_labels for c in cl if c != NEGATIVE})
     return tuple(u) if u else (NEGATIVE,)
+
+
+def noisy_label(rng: np.random.Generator, image_labels: tuple[int, ...], difficulty: Difficulty) -> tuple[int, ...]:
+    """The label an annotator gave a training image: its true label, except that with probability
+    ``difficulty.drop_label`` an image with 2+ classes loses one of them, and with probability
+    ``difficulty.extra_label`` an image gains a class none of its cells shows (never 11 or 18).
+    Draws nothing at the default difficulty."""
+    if difficulty.drop_label == 0 and difficulty.extra_label == 0:
+        return image_labels
+    out = set(image_labels)
+    if len(out) >= 2 and rng.random() < difficulty.drop_label:
+        out.discard(sorted(out)[int(rng.integers(len(out)))])
+    if rng.random() < difficulty.extra_label:
+        pool = [c for c in range(NEGATIVE) if c != SPINDLE and c not in out]
+        out.add(pool[int(rng.integers(len(pool)))])
+        out.discard(NEGATIVE)
+    return tuple(sorted(out))

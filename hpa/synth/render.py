@@ -13,7 +13,7 @@ times the cell scale ``c``); only the illumination and the vignette follow the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import cv2
@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpa.synth.cells import MITOTIC_SHRINK, Layout, smooth_noise
+from hpa.synth.difficulty import DIFFICULTIES, Difficulty
 
 __all__ = ["Maps", "compute_maps", "render_field", "PATTERNS", "NUCLEAR_CLASSES", "MITOTIC_ALLOWED"]
 
@@ -240,7 +241,10 @@ def _nuc_texture(rng, m: Maps, sigma: float = 1.5) -> np.ndarray:
 
 
 def p_nucleoplasm(rng, m, amp, ctx):
-    tex = _nuc_texture(rng, m)
+    if ctx.get("confusable"):  # granular, closer to speckles
+        tex = 0.6 + 0.4 * np.clip(smooth_noise(rng, m.cell.shape, 1.0 * m.s), -2, 2) / 2
+    else:
+        tex = _nuc_texture(rng, m)
     return amp[m.lay.nuclei_mask] * m.nuc * tex * (1 - 0.75 * m.lay.nucleoli) * (0.55 + 0.45 * np.sqrt(m.dome))
 
 
@@ -270,19 +274,24 @@ def p_fibrillar_center(rng, m, amp, ctx):
 
 
 def p_speckles(rng, m, amp, ctx):
-    n = smooth_noise(rng, m.cell.shape, 1.1 * m.s)
-    sp = np.clip((n - 0.6) / 1.0, 0, 1) ** 0.7
+    if ctx.get("confusable"):  # fewer, rounder spots, closer to nuclear bodies
+        n = smooth_noise(rng, m.cell.shape, 1.5 * m.s)
+        sp = np.clip((n - 1.0) / 0.8, 0, 1) ** 0.5
+    else:
+        n = smooth_noise(rng, m.cell.shape, 1.1 * m.s)
+        sp = np.clip((n - 0.6) / 1.0, 0, 1) ** 0.7
     return amp[m.lay.nuclei_mask] * m.nuc * (1 - m.lay.nucleoli) * (sp + 0.12)
 
 
 def p_nuclear_bodies(rng, m, amp, ctx):
-    ys, xs, a, sig = [], [], [], 1.3 * m.s
+    ys, xs, a, sig = [], [], [], (1.0 if ctx.get("confusable") else 1.3) * m.s
     S = m.cell.shape[0]
     inner = m.nuc & (m.dome > 0.25) & ~m.lay.nucleoli
     inner_flat = inner.ravel()
+    lo, hi = (3, 13) if ctx.get("confusable") else (1, 7)  # confusable: more, smaller bodies, closer to speckles
     for k in np.flatnonzero(amp > 0):
         pk = m.pix[k][inner_flat[m.pix[k]]]
-        y, x = _sample_pix(rng, pk, int(rng.integers(1, 7)), S)
+        y, x = _sample_pix(rng, pk, int(rng.integers(lo, hi)), S)
         ys += list(y)
         xs += list(x)
         a += list(amp[k] * rng.uniform(0.6, 1.0, len(y)))
@@ -290,6 +299,8 @@ def p_nuclear_bodies(rng, m, amp, ctx):
 
 
 def p_er(rng, m, amp, ctx):
+    if ctx.get("confusable"):  # half the network's contrast, closer to cytosol
+        return amp[m.cell] * (0.5 * ctx["er"] + 0.35 * m.cyto * (1 - 0.4 * m.t))
     return amp[m.cell] * ctx["er"]
 
 
@@ -308,8 +319,9 @@ def p_golgi(rng, m, amp, ctx):
         g = lay.nuc_center[k] + u * (lay.nuc_radius[k] + 0.06 * R)
         v = np.array([u[1], -u[0]])
         n = int(rng.integers(14, 26))
-        along = rng.normal(0, 0.22 * R, n)  # ribbon hugging the nucleus
-        out = np.abs(rng.normal(0, 0.07 * R, n))
+        spread = (0.35, 0.16) if ctx.get("confusable") else (0.22, 0.07)  # confusable: dispersed, like vesicles
+        along = rng.normal(0, spread[0] * R, n)  # ribbon hugging the nucleus
+        out = np.abs(rng.normal(0, spread[1] * R, n))
         p = g[None] + along[:, None] * v[None] + out[:, None] * u[None] - (along ** 2 / (2.5 * lay.nuc_radius[k]))[:, None] * u[None]
         ys += list(p[:, 0])
         xs += list(p[:, 1])
@@ -391,7 +403,13 @@ def p_centrosome(rng, m, amp, ctx):
         ys.append(c[0])
         xs.append(c[1])
         a.append(amp[k])
-        if rng.random() < 0.6:
+        if ctx.get("confusable"):  # a small cloud of satellites, like a compact Golgi
+            n = int(rng.integers(2, 5))
+            ang, rad = rng.uniform(0, 2 * np.pi, n), rng.uniform(2.0, 5.0, n) * s
+            ys += list(c[0] + rad * np.sin(ang))
+            xs += list(c[1] + rad * np.cos(ang))
+            a += list(amp[k] * rng.uniform(0.3, 0.7, n))
+        elif rng.random() < 0.6:
             ang = rng.uniform(0, 2 * np.pi)
             ys.append(c[0] + 2.2 * s * np.sin(ang))
             xs.append(c[1] + 2.2 * s * np.cos(ang))
@@ -410,11 +428,12 @@ def p_mitochondria(rng, m, amp, ctx):
     lines, la = [], []
     tflat = m.t.ravel()
     for k in np.flatnonzero(amp > 0):
-        n = int(np.clip(len(m.cyto_pix[k]) / (22 * s * s), 10, 200))
+        dense, length, most = (12, (1.0, 2.5), 300) if ctx.get("confusable") else (22, (1.5, 4.5), 200)  # granular
+        n = int(np.clip(len(m.cyto_pix[k]) / (dense * s * s), 10, most))
         w = (1.05 - tflat[m.cyto_pix[k]]) ** 1.5 + 0.05
         y, x = _sample_pix(rng, m.cyto_pix[k], n, S, w)
         ang = rng.uniform(0, 2 * np.pi, len(y))
-        L = rng.uniform(1.5, 4.5, len(y)) * s
+        L = rng.uniform(*length, len(y)) * s
         d = np.stack([np.sin(ang), np.cos(ang)], 1) * L[:, None]
         p0 = np.stack([y, x], 1) - d
         p1 = np.stack([y, x], 1) + d
@@ -441,7 +460,10 @@ def p_aggresome(rng, m, amp, ctx):
 
 
 def p_cytosol(rng, m, amp, ctx):
-    tex = 0.8 + 0.2 * np.clip(smooth_noise(rng, m.cell.shape, 2.0 * m.s), -2, 2) / 2
+    if ctx.get("confusable"):  # a fine grain, closer to ER and mitochondria
+        tex = 0.65 + 0.35 * np.clip(smooth_noise(rng, m.cell.shape, 0.8 * m.s), -2, 2) / 2
+    else:
+        tex = 0.8 + 0.2 * np.clip(smooth_noise(rng, m.cell.shape, 2.0 * m.s), -2, 2) / 2
     return amp[m.cell] * (m.cyto * tex * (1 - 0.25 * m.t) * np.minimum(1, 0.4 + m.d_edge / (3 * m.s)) + 0.15 * m.nuc)
 
 
@@ -450,7 +472,8 @@ def p_vesicles(rng, m, amp, ctx):
     ys, xs, a = [], [], []
     for k in np.flatnonzero(amp > 0):
         n = int(np.clip(len(m.cyto_pix[k]) / (45 * s * s), 12, 90))
-        y, x = _sample_pix(rng, m.cyto_pix[k], n, S)
+        w = (1.05 - m.t.ravel()[m.cyto_pix[k]]) ** 2 + 0.05 if ctx.get("confusable") else None  # perinuclear, like Golgi
+        y, x = _sample_pix(rng, m.cyto_pix[k], n, S, w)
         ys += list(y)
         xs += list(x)
         a += list(amp[k] * rng.uniform(0.4, 1.0, len(y)))
@@ -470,13 +493,16 @@ _BASE_AMP = np.array([0.55, 0.7, 0.8, 1.0, 0.75, 0.9, 0.6, 0.8, 0.7, 0.7, 0.65, 
 
 
 # ----------------------------------------------------------------------------- the field
-def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[int, ...]]) -> np.ndarray:
+def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[int, ...]],
+                 difficulty: Difficulty = DIFFICULTIES["default"]) -> np.ndarray:
     """Render a layout and per-cell classes into a ``(4, S, S)`` uint8 field (red, green, blue, yellow).
 
     Args:
         rng: random generator.
         lay: the geometry from :func:`hpa.synth.cells.make_layout`.
         cell_labels: ``cell_labels[k - 1]`` = classes shown by cell k (``(18,)`` for negative).
+        difficulty: expression spread, pattern variants and confusable classes
+            (:mod:`hpa.synth.difficulty`); the default draws exactly what it always drew.
     """
     K = lay.n_cells
     if len(cell_labels) != K:
@@ -487,7 +513,7 @@ def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[
     cellm = m.cell > 0
     mt, spindle = microtubules(rng, m)
     er = er_network(rng, m)
-    ctx = {"mt": mt, "er": er, "spindle": spindle}
+    ctx = {"mt": mt, "er": er, "spindle": spindle, "confusable": difficulty.confusable}
     mitm = lay.mitotic[m.cell] & cellm
 
     # per-cell expression of the reference markers
@@ -511,11 +537,14 @@ def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[
         for c in labs:
             if c != 18:
                 shown[k, c] = True
-    cell_gain = np.exp(rng.normal(0, 0.35, K + 1))
+    cell_gain = _cell_gain(rng, K, difficulty)
     for c in np.flatnonzero(shown.any(0)):
         amp = np.where(shown[:, c], _BASE_AMP[c] * cell_gain * np.exp(rng.normal(0, 0.15, K + 1)), 0.0)
         amp[0] = 0
-        green += PATTERNS[int(c)](rng, m, amp.astype(np.float32), ctx).astype(np.float32)
+        if difficulty.variants:
+            green += variant_pattern(rng, m, int(c), int(rng.integers(len(VARIANTS))), amp.astype(np.float32), ctx)
+        else:
+            green += PATTERNS[int(c)](rng, m, amp.astype(np.float32), ctx).astype(np.float32)
     # faint non-specific staining in every cell (what a Negative cell shows)
     green += (0.03 * diffuse + 0.015 * m.nuc) * cell_map(np.exp(rng.normal(0, 0.3, K + 1)), m.cell)
 
@@ -531,6 +560,62 @@ def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[
         x = x + rng.uniform(0.002, 0.006) * rng.standard_normal(shape).astype(np.float32)
         out[i] = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
     return out
+
+
+def _cell_gain(rng, K: int, d: Difficulty) -> np.ndarray:
+    """Per-cell brightness factor (K+1,): log-normal (sd 0.35) by default; with ``d.expression_range``
+    log-uniform over it, and a share ``d.weak_frac`` of cells barely above a negative cell."""
+    if d.expression_range is None:
+        return np.exp(rng.normal(0, 0.35, K + 1))
+    lo, hi = np.log(d.expression_range)
+    gain = np.exp(rng.uniform(lo, hi, K + 1))
+    weak = rng.random(K + 1) < d.weak_frac
+    gain[weak] = rng.uniform(*d.weak_range, int(weak.sum()))
+    return gain
+
+
+#: The three variants of a class (``variant_pattern``): (size factor of its structures, where in the
+#: cell they sit, patchy). Nuclear classes read "inner"/"outer" within the nucleus, the others
+#: within the cytoplasm ("outer": the side of the cell away from the nucleus).
+VARIANTS = ((1.0, "all", False), (1.6, "inner", False), (0.7, "outer", True))
+#: Classes whose pattern lives in the nucleus; classes drawn from a shared structure (no size variant).
+_NUCLEAR = frozenset({0, 1, 2, 3, 4, 5})
+_SHARED = frozenset({6, 10, 11})
+
+
+def variant_pattern(rng, m: Maps, c: int, v: int, amp: np.ndarray, ctx: dict) -> np.ndarray:
+    """Class ``c``'s pattern in variant ``v`` of :data:`VARIANTS`: float32 (S, S).
+
+    The size factor scales the widths (and with them the number) of its dots, rods and
+    filaments; the location weights the pattern towards the middle or the edge of the nucleus
+    (nuclear classes) or towards the nucleus or the far side of the cell (the others; the
+    plasma membrane's "inner" variant is a rim on one side); patchy multiplies it by smooth
+    blotches. Variant 0 is the class's ordinary pattern.
+    """
+    size, where, patchy = VARIANTS[v]
+    mm = m if size == 1.0 or c in _SHARED else replace(m, s=m.s * size)
+    pat = PATTERNS[c](rng, mm, amp, ctx).astype(np.float32)
+    if where != "all":
+        if c in _NUCLEAR:
+            w = m.dome if where == "inner" else 1.0 - m.dome
+            pat *= np.where(m.nuc, 0.2 + 0.8 * w, 1.0).astype(np.float32)
+        elif c == 13 or where == "outer":  # one side of the cell: away from the nucleus
+            pat *= (0.15 + 0.85 * _polarity(m)).astype(np.float32)
+        else:
+            pat *= np.where(m.cyto, 0.2 + 0.8 * np.exp(-m.t / 0.35), 1.0).astype(np.float32)
+    if patchy:
+        pat *= (0.3 + 0.7 * np.clip((smooth_noise(rng, m.cell.shape, 3.0 * m.s) + 1) / 2, 0, 1)).astype(np.float32)
+    return pat
+
+
+def _polarity(m: Maps) -> np.ndarray:
+    """float32 (S, S) in [0, 1]: how far each cell pixel lies towards its cell's bulk (``Layout.toward``)."""
+    lay = m.lay
+    yy, xx = np.mgrid[0:m.cell.shape[0], 0:m.cell.shape[1]].astype(np.float32)
+    k = m.cell
+    dy, dx = yy - lay.nuc_center[k, 0], xx - lay.nuc_center[k, 1]
+    along = (dy * lay.toward[k, 0] + dx * lay.toward[k, 1]) / np.maximum(lay.radius[k], 1.0)
+    return (np.clip(0.5 + along, 0, 1) * (k > 0)).astype(np.float32)
 
 
 def _vignette(S: int) -> np.ndarray:
