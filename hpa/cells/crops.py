@@ -209,6 +209,10 @@ def build_crop_cache(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
     settings = _settings(ids, crop_size, margin, outside, dim_factor)
     if p["npy"].is_file() and p["parquet"].is_file() and _read_json(p["json"]) == settings:
         log.info("crop cache %s is complete; reusing it", p["npy"])
+        # a build started since would have rewritten the sidecar: any in-progress file is this build's own,
+        # left by an interruption between its last two steps
+        for key in ("tmp_npy", "tmp_index", "progress"):
+            p[key].unlink(missing_ok=True)
         return open_crop_cache(out_dir, split, crop_size)
     if p["npy"].is_file():
         log.warning("crop cache %s was built with other settings or images; rebuilding it", p["npy"])

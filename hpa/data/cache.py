@@ -89,17 +89,22 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
     meta = {"version": CACHE_VERSION, "split": split, "size": size, "n": len(ids), "ids_sha1": _ids_digest(ids),
             "source": str(Path(data_dir).resolve() / split)}
     side = out_path.with_suffix(".json")
+    partial = out_path.with_name(out_path.stem + ".partial.npy")
+    done_path = out_path.with_name(out_path.stem + ".done.npy")
+    bad_path = partial.with_name(out_path.stem + ".bad.json")  # bad images found before an interruption
     if out_path.is_file() and side.is_file():
         old = json.loads(side.read_text())
         if all(old.get(k) == v for k, v in meta.items() if k != "source"):
             log.info("reusing field cache %s (%d x 4 x %d x %d)", out_path, len(ids), size, size)
+            if not partial.is_file() and partial.with_suffix(".json").is_file():
+                # this build's own files, left by an interruption between its last two steps
+                for p in (done_path, partial.with_suffix(".json"), bad_path):
+                    p.unlink(missing_ok=True)
             return np.load(out_path, mmap_mode="r")
         log.warning("field cache %s holds other images or another size; rebuilding it", out_path)
     if not folder.is_dir():
         raise InputError(f"image folder {folder} does not exist")
 
-    partial = out_path.with_name(out_path.stem + ".partial.npy")
-    done_path = out_path.with_name(out_path.stem + ".done.npy")
     shape = (len(ids), 4, size, size)
     done = None
     if partial.is_file() and done_path.is_file() and partial.with_suffix(".json").is_file():
@@ -115,7 +120,6 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
     else:
         log.info("resuming field cache %s: %d of %d fields done", out_path, int(done.sum()), len(ids))
 
-    bad_path = partial.with_name(out_path.stem + ".bad.json")  # bad images found before an interruption
     bad: dict[str, str] = json.loads(bad_path.read_text()) if bad_path.is_file() and done.any() else {}
 
     def save_progress():

@@ -361,7 +361,12 @@ class Trainer:
             self.on_epoch_end(epoch + 1, self.history)
 
     def finish(self, val: dict | None) -> None:
-        """Write model.pt, val_predictions.csv, thresholds.json and curves.png (rank 0)."""
+        """Write val_predictions.csv, thresholds.json, curves.png and, last, model.pt (rank 0).
+
+        ``model.pt`` marks the run as finished (:meth:`completed` skips it from then on), so it is
+        written after every other file: a run interrupted before it is finished from ``last.pt``
+        on the next call (:meth:`run`), and its files are those of an uninterrupted run.
+        """
         meta = dict(self.meta)
         if val is not None:
             write_csv(self.out_dir / "val_predictions.csv", validation_frame(val, self.val_index))
@@ -371,8 +376,8 @@ class Trainer:
                                                               "classes": meta["class_names"], "tuned_on": "validation",
                                                               "criterion": "per-class F1"})
         meta["final_metrics"] = dict(self.history[-1])
-        save_checkpoint(self.model_path, {"model": self.model.state_dict(), "meta": meta, "history": self.history})
         plot_curves(self.history, self.out_dir / "curves.png")
+        save_checkpoint(self.model_path, {"model": self.model.state_dict(), "meta": meta, "history": self.history})
         log.info("wrote %s", self.model_path)
 
 

@@ -211,8 +211,8 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: Pse
                      int(filled.sum()), p.cycle2.fill_weight, report["filled"]["vs_ground_truth"]["overall_precision"])
     out = out[out["label"] >= 0].reset_index(drop=True)
     cdir = run / f"cycle{cycle}"
-    write_parquet(cdir / "pseudo_labels.parquet", out)
     write_json(cdir / "pseudo_report.json", report)
+    write_parquet(cdir / "pseudo_labels.parquet", out)  # last: its presence makes stage 04 skip the cycle
     return out
 
 

@@ -99,12 +99,89 @@ def test_unknown_method_lists_the_valid_ones(resnet):
     assert available_methods()[0] == "cam" and "gradcam++" in available_methods()
 
 
-@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "eigencam", "hirescam"])
-def test_grad_cam_methods_give_one_raw_map_per_image_and_class(resnet, method):
-    x = torch.randn(3, 4, 64, 64)
-    logits, cams = compute_cams(resnet, x, method, classes=[2, 7])
-    assert logits.shape == (3, NUM_CLASSES) and cams.shape == (3, 2, 4, 4)
-    assert np.isfinite(cams).all() and np.abs(cams).max() > 0
+# --------------------------------------------------------------------------- grad-cam's methods, by hand
+# Features F (C, h, w) straight from the input (an identity backbone), a linear head W (K, C) on their
+# average: logit_k = b_k + sum_c W_kc mean(F_c), so every gradient is constant over the map,
+# g_kc = W_kc / (h w), and each method's map has a closed form.
+F_HAND = np.array([[[1.0, 2.0], [3.0, 4.0]],  # channel 0: sum 10
+                   [[1.0, -1.0], [-1.0, 1.0]]], np.float32)  # channel 1: a checkerboard, sum 0
+W_HAND = np.array([[4.0, 8.0], [4.0, -8.0]], np.float32)  # h w = 4: g = (1, 2) for class 0, (1, -2) for class 1
+
+
+def _hand_model():
+    model = HPANet(nn.Identity(), 2, 2, 0.0, "hand").eval()
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(W_HAND))
+        model.head.bias.copy_(torch.tensor([0.5, -1.0]))
+    return model
+
+
+F0, F1 = F_HAND
+HAND = {  # class 0, class 1
+    "cam": (4 * F0 + 8 * F1, 4 * F0 - 8 * F1),  # W . F, the bias kept apart
+    "gradcam": (F0 + 2 * F1, F0 - 2 * F1),  # mean gradient x F = cam / (h w)
+    "hirescam": (F0 + 2 * F1, F0 - 2 * F1),  # gradient x F, summed over channels: the same for constant gradients
+    "xgradcam": (F0, F0),  # weight sum(g F_c) / sum(F_c): g for channel 0, 0 for the zero-sum checkerboard
+    "layercam": (F0 + 2 * F1, F0),  # ReLU(g) x F: class 1's negative weight on channel 1 drops out
+    "gradcam-elementwise": (F0 + 2 * np.maximum(F1, 0), F0 + 2 * np.maximum(-F1, 0)),  # sum_c ReLU(g F_c)
+    # weight_c = sum_ij ReLU(g) a, a = g^2 / (2 g^2 + S_c g^3): channel 0 (g 1, S 10): 4 x 1/12 = 1/3;
+    # channel 1 (g 2, S 0): 4 x 2 x 1/2 = 4, and 0 where g = -2
+    "gradcam++": (F0 / 3 + 4 * F1, F0 / 3),
+}
+
+
+@pytest.mark.parametrize("method", list(HAND))
+def test_each_method_gives_its_hand_computed_map(method):
+    logits, cams = compute_cams(_hand_model(), torch.from_numpy(F_HAND)[None], method)
+    np.testing.assert_allclose(logits, [[0.5 + 4 * 2.5, -1.0 + 4 * 2.5]], rtol=1e-6)
+    assert cams.shape == (1, 2, 2, 2)
+    np.testing.assert_allclose(cams[0], np.stack(HAND[method]), rtol=1e-5, atol=1e-5)
+
+
+def _assert_close_up_to_sign(got, want, atol=1e-5):
+    """An SVD's component has no sign of its own: ``got`` must equal ``want`` or ``-want``."""
+    assert min(np.abs(got - want).max(), np.abs(got + want).max()) <= atol, (got, want)
+
+
+def test_eigencam_is_the_first_principal_component_of_the_features():
+    model = _hand_model()
+    m = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    rank1 = np.stack([3 * m, 4 * m])[None]  # F_c = u_c m, u = (3, 4): the component is u / 5, scores 5 (m - mean m)
+    _, cams = compute_cams(model, torch.from_numpy(rank1), "eigencam")
+    want = 5 * (m - m.mean())
+    for k in range(2):  # gradient-free: the same map for every class
+        _assert_close_up_to_sign(cams[0, k], want)
+    # two orthogonal centred channels: the one of larger variance (channel 0, 5 against 4) wins
+    _, cams = compute_cams(model, torch.from_numpy(F_HAND)[None], "eigencam")
+    _assert_close_up_to_sign(cams[0, 0], F0 - 2.5)
+    # eigengradcam: the component of g x F, class 0: (F0, 2 F1), the checkerboard now the larger (16 against 5)
+    _, cams = compute_cams(model, torch.from_numpy(F_HAND)[None], "eigengradcam", classes=[0])
+    _assert_close_up_to_sign(cams[0, 0], 2 * F1)
+
+
+def test_grad_cam_methods_on_a_resnet_follow_their_closed_forms(resnet):
+    """The same closed forms with a real backbone (non-negative features after its last ReLU), two images."""
+    x = torch.randn(2, 4, 64, 64)
+    classes = [2, 7]
+    with torch.no_grad():
+        feats = resnet.features(x).numpy().astype(np.float64)  # (B, C, h, w): what the head averages
+    n = feats.shape[2] * feats.shape[3]
+    g = resnet.head.weight.detach().numpy().astype(np.float64)[classes] / n  # (K, C): the constant gradients
+    s = feats.sum((2, 3))  # (B, C)
+    _, cam = compute_cams(resnet, x, classes=classes)
+    forms = {
+        "gradcam": np.broadcast_to(g, (2,) + g.shape),
+        "hirescam": np.broadcast_to(g, (2,) + g.shape),
+        "xgradcam": g[None] * (s / (s + 1e-7))[:, None],
+        "layercam": np.broadcast_to(np.maximum(g, 0), (2,) + g.shape),
+        "gradcam++": n * np.maximum(g, 0)[None] * g[None] ** 2 / (2 * g[None] ** 2 + s[:, None] * g[None] ** 3 + 1e-6),
+    }
+    scale = np.abs(cam).max() / n
+    for method, weights in forms.items():  # weights (B, K, C): the map is sum_c weight_c F_c
+        _, got = compute_cams(resnet, x, method, classes=classes)
+        want = np.einsum("bkc,bchw->bkhw", weights, feats)
+        np.testing.assert_allclose(got, want, atol=1e-4 * scale, err_msg=method)
+    np.testing.assert_allclose(compute_cams(resnet, x, "hirescam", classes=classes)[1] * n, cam, atol=1e-4 * scale * n)
 
 
 def test_bad_inputs_are_reported(resnet):

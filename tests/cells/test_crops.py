@@ -140,6 +140,32 @@ def test_cache_resumes_after_interruption_and_rebuilds_on_new_settings(tmp_path,
     assert calls == ids and not np.array_equal(np.asarray(crops2), np.asarray(ref))  # other settings: rebuilt
 
 
+def test_cache_stopped_after_its_sidecar_leaves_no_build_files_behind(tmp_path, monkeypatch):
+    """Stopped after the finished cache's sidecar is written, before the progress file is removed: the
+    next call reuses the cache (no image read again) and removes it."""
+    from hpa.cells import crops as crops_mod
+
+    data, masks, ids = make_dataset(tmp_path)
+    out = tmp_path / "cache"
+    real = crops_mod.write_json
+
+    def stop_after_the_final_sidecar(path, obj):
+        real(path, obj)
+        if not obj.get("partial"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(crops_mod, "write_json", stop_after_the_final_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["train_16.json", "train_16.npy", "train_16.parquet",
+                                                     "train_16.partial.txt"]
+    monkeypatch.setattr(crops_mod, "_crop_job", lambda args: pytest.fail("a complete cache was cropped again"))
+    crops, index = build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, out)
+    assert sorted(p.name for p in out.iterdir()) == ["train_16.json", "train_16.npy", "train_16.parquet"]
+    assert len(index) == len(crops) == 6
+
+
 def test_cache_with_worker_processes_equals_in_process(tmp_path):
     data, masks, ids = make_dataset(tmp_path)
     a, ia = build_crop_cache(data, masks, "train", ids, 16, 0.1, "dim", 0.25, tmp_path / "a", workers=0)

@@ -113,7 +113,13 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path):
     hist = fit(_model(), train_ds, val_ds, tmp_path, **{**FIT, "epochs": 6, "lr": 2e-3})
     assert [h["epoch"] for h in hist] == list(range(1, 7))
     assert hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]
-    assert all(np.isfinite(h["val_loss"]) and 0 <= h["mAP"] <= 1 for h in hist)
+    # the last epoch's validation figures are those of the predictions it wrote
+    vp = pd.read_csv(tmp_path / "val_predictions.csv")
+    p, y = vp[[f"p{c}" for c in range(19)]].to_numpy(), vp[[f"y{c}" for c in range(19)]].to_numpy()
+    want = compute_metrics("multilabel", p, y, tune_thresholds(p, y))
+    assert hist[-1]["mAP"] == pytest.approx(want["mAP"], abs=1e-6) and hist[-1]["f1"] == pytest.approx(want["f1"], abs=1e-6)
+    bce = -np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))
+    assert hist[-1]["val_loss"] == pytest.approx(bce, rel=1e-3)
 
 
 def test_checkpoint_round_trips_and_predicts_the_same(tiny, tmp_path):
@@ -175,6 +181,40 @@ def test_interrupted_run_resumes_at_the_next_epoch_and_matches(tiny, tmp_path):
     fit(_model(), train_ds, val_ds, tmp_path / "run", **{**FIT, "epochs": 1}, force=True,
         on_epoch_end=lambda e, h: epochs_run.append(e))
     assert epochs_run == [2, 3, 1]
+
+
+def test_a_run_stopped_while_writing_its_final_files_completes_them_on_rerun(tiny, tmp_path, monkeypatch):
+    """Stopped after the last epoch's last.pt, as its final files are written (here: before curves.png),
+    the same call again ends with every file of an uninterrupted run: model.pt, the completion mark, is
+    written last, so a run without it is finished from last.pt."""
+    from hpa.engine import trainer as trainer_mod
+
+    train_ds, val_ds = _datasets(tiny)
+    fit(_model(), train_ds, val_ds, tmp_path / "ref", **FIT)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "plot_curves", stop)
+    with pytest.raises(Stop):
+        fit(_model(), train_ds, val_ds, tmp_path / "run", **FIT)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+    fit(_model(seed=99), train_ds, val_ds, tmp_path / "run", **FIT)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert names == ["curves.png", "last.pt", "metrics.csv", "model.pt", "thresholds.json", "val_predictions.csv"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == names
+    for name in ("val_predictions.csv", "thresholds.json"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    ref, run = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in ("ref", "run"))
+    assert all(torch.equal(ref["model"][k], run["model"][k]) for k in ref["model"])
+    def timeless(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert timeless(ref["history"]) == timeless(run["history"]) and ref["meta"]["thresholds"] == run["meta"]["thresholds"]
 
 
 def test_fit_checks_its_inputs(tiny, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cell_run import make_run
 
 from hpa.cells.crops import build_crop_cache
 from hpa.cells.targets import (
@@ -15,10 +16,10 @@ from hpa.cells.targets import (
     read_pseudo_labels,
     soft_targets,
 )
-from hpa.config import build_config, save_config
-from hpa.constants import CLASS_NAMES, PROB_COLS, TARGET_COLS
+from hpa.config import save_config
+from hpa.constants import PROB_COLS, TARGET_COLS
 from hpa.data.cache import FieldDataset
-from hpa.engine.checkpoint import load_model, save_checkpoint
+from hpa.engine.checkpoint import load_model
 from hpa.engine.trainer import fit
 from hpa.io.errors import InputError
 from hpa.io.fields import write_field, write_mask
@@ -148,51 +149,6 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
                sample_weights=w, samples_per_epoch=24, mean=[0.3] * 4, std=[0.3] * 4, progress=False)
     losses = [h["train_loss"] for h in hist]
     assert losses[-1] < 0.6 * losses[0], losses
-
-
-def image_checkpoint(path, arch="resnet18", output_stride=16):
-    """A stage-01-style ``model.pt`` (random weights) for the cell stage to start from."""
-    torch.manual_seed(7)
-    model = build_model(arch, output_stride=output_stride, image_size=64, dropout=0.2)
-    meta = {"arch": arch, "num_classes": 19, "in_channels": 4, "output_stride": output_stride, "dropout": 0.2,
-            "image_size": 64, "task": "multilabel", "class_names": list(CLASS_NAMES), "mean": [0.2, 0.3, 0.2, 0.25],
-            "std": [0.2, 0.25, 0.2, 0.2], "epochs": 1, "normalize": True}
-    save_checkpoint(path, {"model": model.state_dict(), "meta": meta, "history": [{"epoch": 1}]})
-    return model
-
-
-def make_run(tmp_path, n_train=6, n_test=2):
-    """A run with data, masks, splits, an image model, cycle-1 pseudo-labels and ground truth."""
-    data, run = tmp_path / "data", tmp_path / "run"
-    rng = np.random.default_rng(2)
-    gt_rows, pl_rows = [], []
-    for split, n in (("train", n_train), ("test", n_test)):
-        ids = [f"{split}{k}" for k in range(n)]
-        for image_id in ids:
-            field = rng.integers(0, 30, (4, 64, 64), dtype=np.uint8)
-            mask = np.zeros((64, 64), np.int32)
-            mask[2:30, 2:30], mask[34:62, 2:30], mask[2:30, 34:62] = 1, 2, 3
-            field[1][mask == 1] += 150  # cell 1: class 4 (bright green), others Negative
-            write_field(data / split, image_id, field)
-            write_mask(run / "masks" / split / f"{image_id}_cellmask.png", mask)
-            write_mask(data / "gt" / f"{image_id}_cellmask.png", mask)
-            for cid in (1, 2, 3):
-                gt_rows.append({"ID": image_id, "cell_id": cid, "Label": "4|16" if cid == 1 else "18", "split": split})
-                if split == "train" and cid != 3:  # cell 3 left out of the pseudo-labels
-                    pl_rows.append({"ID": image_id, "cell_id": cid, "label": 4 if cid == 1 else 18, "weight": 1.0})
-        csv = pd.DataFrame({"ID": ids, "Label": ["4"] * n}) if split == "train" else pd.DataFrame({"ID": ids})
-        csv.to_csv(data / f"{split}.csv", index=False)
-    pd.DataFrame(gt_rows).to_csv(data / "gt" / "cell_labels.csv", index=False)
-    pd.DataFrame(pl_rows).to_parquet(tmp_path / "pl.parquet")
-    (run / "cycle1").mkdir(parents=True)
-    pd.DataFrame(pl_rows).to_parquet(run / "cycle1" / "pseudo_labels.parquet")
-    pd.DataFrame({"ID": [f"train{k}" for k in range(n_train)], "fold": [k % 3 for k in range(n_train)]}).to_csv(
-        run / "splits.csv", index=False)
-    image_model = image_checkpoint(run / "image_model" / "model.pt")
-    cfg = build_config("quick", overrides=["num_workers=0", "cell_model.epochs=2", "cell_model.batch_size=4",
-                                           "image_model.val_fold=0"])
-    cfg.data = str(data)
-    return run, cfg, image_model
 
 
 def test_cell_stage_trains_and_predicts_every_cell(tmp_path, capsys):

@@ -9,11 +9,11 @@ uninterrupted and the resumed runs compute in the same order and can be compared
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,27 +39,39 @@ def run_stage(script: str, *args: str, check: bool = True, timeout: int = 300) -
     return proc
 
 
-def kill_when(cmd: list[str], ready, log_path: Path, timeout: float = 120.0) -> None:
-    """Start ``cmd``, SIGKILL its whole process group as soon as ``ready()`` is true.
+HOOK = ROOT / "tests" / "kill_hook"  # its sitecustomize.py kills a stage at a chosen call (docstring there)
 
-    Fails when the command ends by itself first (nothing was interrupted).
+
+def killed_at(cmd: list[str], target: str, call: int, tmp_path: Path, when: str = "after", match: str | None = None,
+              timeout: float = 300.0) -> str:
+    """Run ``cmd`` and SIGKILL it (its whole process group: the stage and its workers) at the ``call``-th
+    call of ``target`` (``module:function``), counted over all its processes; returns its output.
+
+    The kill point is fixed by the call count, not by timing: ``when="before"`` the call does not
+    run, ``"after"`` it has returned; with ``match`` only calls whose first argument contains it
+    count. Fails when the command ends by itself first (nothing was interrupted).
     """
+    tag = f"{target.rpartition(':')[2]}-{call}"
+    counter, log_path = tmp_path / f"kill-{tag}.count", tmp_path / f"kill-{tag}.log"
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(p for p in (str(HOOK), ENV.get("PYTHONPATH")) if p),
+               HPA_KILL_AT=target, HPA_KILL_CALL=str(call), HPA_KILL_WHEN=when, HPA_KILL_COUNTER=str(counter),
+               HPA_KILL_NOT_PGID=str(os.getpgrp()), **({"HPA_KILL_MATCH": match} if match else {}))
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    t_end = time.monotonic() + timeout
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while not ready():
-            if proc.poll() is not None:
-                pytest.fail(f"{cmd[1]} ended (rc {proc.returncode}) before it could be interrupted:\n"
-                            + log_path.read_text()[-2000:])
-            if time.monotonic() > t_end:
-                pytest.fail(f"{cmd[1]}: the interruption point was not reached in {timeout} s")
-            time.sleep(0.005)
+        rc = proc.wait(timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"expected a kill, got rc {proc.returncode}"
+            proc.wait()
+    out = log_path.read_text()
+    assert rc == -signal.SIGKILL, f"{cmd[1]} ended with rc {rc}, not killed at call {call} of {target}:\n{out[-3000:]}"
+    assert counter.stat().st_size >= call
+    return out
+
+
+def file_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
 def mask_files(folder: Path) -> dict[str, bytes]:
@@ -78,66 +90,214 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def synth512(tmp_path_factory):
-    """12 train fields of 512 px: slow enough (~0.1 s each) to interrupt stage 03 in the middle."""
-    return generate_dataset(tmp_path_factory.mktemp("synth512"), 12, 0, size=512, seed=0, progress=False)
-
-
-@pytest.fixture(scope="module")
 def synth128(tmp_path_factory):
     """16 train and 4 test fields of 128 px with ground truth: the training and chain tests."""
     return generate_dataset(tmp_path_factory.mktemp("synth128"), 16, 4, size=128, seed=0, progress=False)
 
 
 # ------------------------------------------------------------------ interruption
+# Each test kills a stage at a point fixed by a call count (tests/kill_hook), re-runs the same
+# command and compares every output with an uninterrupted run made once per module.
+@pytest.fixture(scope="module")
+def segmented(synth128, tmp_path_factory):
+    """Stage 03 on the 16 train fields of ``synth128``, uninterrupted, one process: the reference."""
+    run = tmp_path_factory.mktemp("segment") / "clean"
+    run_stage("03_segment.py", "--data", str(synth128), "--split", "train", "--workers", "1", "--run", str(run))
+    return run / "masks" / "train"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [3, 8])
-def test_segment_killed_and_rerun_equals_an_uninterrupted_run(synth512, tmp_path, kill_after):
-    args = ["--data", str(synth512), "--split", "train", "--workers", "1"]
-    run_stage("03_segment.py", *args, "--run", str(tmp_path / "clean"))
-    out = tmp_path / "killed" / "masks" / "train"
-    kill_when(stage_cmd("03_segment.py", *args, "--run", str(tmp_path / "killed")),
-              lambda: len(list(out.glob("*_cellmask.png"))) >= kill_after, tmp_path / "killed.log")
-    n_before = len(list(out.glob("*_cellmask.png")))
-    assert kill_after <= n_before < 12 and not (out / "cells.csv").exists()
-    rerun = run_stage("03_segment.py", *args, "--run", str(tmp_path / "killed"))
-    assert f"{n_before} already done" in rerun.stderr
-    clean = tmp_path / "clean" / "masks" / "train"
-    a, b = mask_files(clean), mask_files(out)
-    assert len(a) == 24 and sorted(a) == sorted(b)
-    assert [k for k in a if a[k] != b[k]] == []
-    ta = pd.read_csv(clean / "cells.csv", dtype={"ID": str})
+@pytest.mark.parametrize("workers, target, call, when, match", [
+    (2, "hpa.io.fields:write_mask", 5, "after", "_nucleimask"),  # between an image's two masks, 2 workers
+    (1, "hpa.utils.fs:write_csv", 1, "before", "cells.csv"),  # every mask written, the table not
+], ids=["between-masks-2-workers", "before-the-table"])
+def test_segment_killed_and_rerun_equals_an_uninterrupted_run(synth128, segmented, tmp_path, workers, target, call,
+                                                              when, match):
+    args = ["--data", str(synth128), "--split", "train", "--workers", str(workers), "--run", str(tmp_path / "run")]
+    killed_at(stage_cmd("03_segment.py", *args), target, call, tmp_path, when, match)
+    out = tmp_path / "run" / "masks" / "train"
+    n_cells, n_nuclei = len(list(out.glob("*_cellmask.png"))), len(list(out.glob("*_nucleimask.png")))
+    assert not (out / "cells.csv").exists()
+    if match == "cells.csv":
+        assert n_cells == n_nuclei == 16
+    else:  # the image whose nuclei mask was the call-th lost its cell mask; another worker may hold one more
+        assert call - workers <= n_cells < call <= n_nuclei, (n_cells, n_nuclei)
+    rerun = run_stage("03_segment.py", *args)
+    assert f"{n_cells} already done, {16 - n_cells} to segment" in rerun.stderr
+    a, b = mask_files(segmented), mask_files(out)
+    assert len(a) == 32 and sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []  # byte-identical, whatever the worker count
+    ta = pd.read_csv(segmented / "cells.csv", dtype={"ID": str})
     tb = pd.read_csv(out / "cells.csv", dtype={"ID": str})
     # "seconds" is wall time: NaN for images whose masks came from the killed run
     pd.testing.assert_frame_equal(ta.drop(columns="seconds"), tb.drop(columns="seconds"))
+    assert tb["seconds"].isna().sum() == n_cells
     # a write cut by the kill may leave a hidden temporary file; it never matches an output name
     assert all(p.name.startswith(".") and not p.name.endswith(("mask.png", ".csv")) for p in out.glob("*.tmp*"))
 
 
-TRAIN_ARGS = ["image_model.arch=resnet18", "image_model.image_size=64", "image_model.train_crop=32",
-              "image_model.epochs=3", "image_model.samples_per_epoch=96", "image_model.batch_size=8",
-              "image_model.val_every=1", "image_model.folds=3", "num_workers=0", "device=cpu"]
+TRAIN_ARGS = ["--profile", "quick", "--no-progress", "image_model.arch=resnet18", "image_model.image_size=64",
+              "image_model.train_crop=32", "image_model.epochs=2", "image_model.samples_per_epoch=32",
+              "image_model.batch_size=8", "image_model.val_every=1", "image_model.folds=3",
+              "image_model.loader_workers=0", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny44(tmp_path_factory):
+    """44 train fields of 64 px: the field cache saves its progress once (every 32 rows) while decoding."""
+    from tiny_fields import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny44"), n=44, size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny44, tmp_path_factory):
+    """Stage 01 on ``tiny44``, uninterrupted, cache decoded in this process: the reference run."""
+    run = tmp_path_factory.mktemp("train") / "clean"
+    run_stage("01_train_image.py", "--data", str(tiny44), "--run", str(run), *TRAIN_ARGS, "num_workers=0")
+    return run
+
+
+def assert_same_stage_01_outputs(clean: Path, run: Path) -> None:
+    """Splits, field cache (bytes and sidecar), metrics (but wall time), validation predictions, weights."""
+    assert (run / "splits.csv").read_bytes() == (clean / "splits.csv").read_bytes()
+    assert (run / "cache/train_64.npy").read_bytes() == (clean / "cache/train_64.npy").read_bytes()
+    assert json.loads((run / "cache/train_64.json").read_text()) == json.loads((clean / "cache/train_64.json").read_text())
+    assert sorted(p.name for p in (run / "cache").iterdir()) == ["train_64.json", "train_64.npy"]  # no partial files
+    assert file_names(run / "image_model") == file_names(clean / "image_model")
+    for rel in ("image_model/metrics.csv", "image_model/val_predictions.csv"):
+        a, b = pd.read_csv(clean / rel), pd.read_csv(run / rel)
+        pd.testing.assert_frame_equal(a.drop(columns="seconds", errors="ignore"), b.drop(columns="seconds", errors="ignore"),
+                                      check_exact=True, obj=rel)
+    assert_same_weights(clean / "image_model/model.pt", run / "image_model/model.pt")
 
 
 @pytest.mark.slow
-def test_training_killed_after_an_epoch_resumes_to_the_same_weights(synth128, tmp_path):
-    args = ["--data", str(synth128), "--profile", "quick", "--no-progress", *TRAIN_ARGS]
-    run_stage("01_train_image.py", *args, "--run", str(tmp_path / "clean"))
-    last = tmp_path / "killed" / "image_model" / "last.pt"
-    kill_when(stage_cmd("01_train_image.py", *args, "--run", str(tmp_path / "killed")), last.is_file,
-              tmp_path / "killed.log")
-    model = tmp_path / "killed" / "image_model" / "model.pt"
-    assert not model.exists(), "training finished before the kill"
-    epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-    assert 1 <= epoch < 3
-    rerun = run_stage("01_train_image.py", *args, "--run", str(tmp_path / "killed"))
-    assert f"resuming {last} from epoch {epoch + 1} of 3" in rerun.stderr
-    assert rerun.stderr.count("epoch 1/3:") == 0 and "epoch 3/3:" in rerun.stderr
-    metrics = pd.read_csv(tmp_path / "killed" / "image_model" / "metrics.csv")
-    assert metrics["epoch"].tolist() == [1, 2, 3]
-    clean_metrics = pd.read_csv(tmp_path / "clean" / "image_model" / "metrics.csv")
-    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), clean_metrics.drop(columns="seconds"))
-    assert_same_weights(tmp_path / "clean" / "image_model" / "model.pt", model)
+@pytest.mark.parametrize("workers, kill_before, saved", [(0, 6, 0), (2, 42, 32)],
+                         ids=["before-a-progress-save", "after-one-2-workers"])
+def test_stage_01_killed_while_decoding_ends_like_an_uninterrupted_run(tiny44, trained, tmp_path, workers, kill_before,
+                                                                      saved):
+    """Killed as the 6th field starts decoding (in the stage's process), or the 42nd (2 worker processes):
+    the re-run decodes all 44 fields again, or resumes from the 32 rows saved, and ends with the reference
+    run's files.
+
+    The pool runs at most 8 jobs ahead of the rows written (``map_jobs``: 4 x workers), so when the
+    42nd job starts at least 34 rows are written: the save after row 32 has happened, the next
+    (row 64) cannot have."""
+    run = tmp_path / "run"
+    args = ["--data", str(tiny44), "--run", str(run), *TRAIN_ARGS, f"num_workers={workers}"]
+    killed_at(stage_cmd("01_train_image.py", *args), "hpa.data.cache:_load_field", kill_before, tmp_path, "before")
+    cache = run / "cache"
+    assert (cache / "train_64.partial.npy").is_file() and not (cache / "train_64.npy").exists()
+    assert not (run / "image_model").exists()
+    done = cache / "train_64.done.npy"
+    assert (int(np.load(done).sum()) if done.is_file() else 0) == saved
+    rerun = run_stage("01_train_image.py", *args)
+    if saved:
+        assert f"resuming field cache {cache / 'train_64.npy'}: 32 of 44 fields done" in rerun.stderr
+    assert f"decoding {44 - saved} fields of" in rerun.stderr
+    assert_same_stage_01_outputs(trained, run)
+
+
+@pytest.mark.slow
+def test_training_killed_after_an_epoch_resumes_to_the_same_weights(tiny44, trained, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(tiny44), "--run", str(run), *TRAIN_ARGS, "num_workers=0"]
+    # the first checkpoint written is last.pt after epoch 1 of 2
+    killed_at(stage_cmd("01_train_image.py", *args), "hpa.engine.checkpoint:save_checkpoint", 1, tmp_path)
+    last, model = run / "image_model" / "last.pt", run / "image_model" / "model.pt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1 and not model.exists()
+    rerun = run_stage("01_train_image.py", *args)
+    assert "reusing field cache" in rerun.stderr and f"resuming {last} from epoch 2 of 2" in rerun.stderr
+    assert "epoch 1/2:" not in rerun.stderr and "epoch 2/2:" in rerun.stderr
+    assert pd.read_csv(run / "image_model" / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert_same_stage_01_outputs(trained, run)
+
+
+# ------------------------------------------------------------------ stage 05: interruption and determinism
+CELL_CMD = ("--cycle", "1", "--no-progress")
+CELL_TABLES = ("cell_cache/train_32.parquet", "cell_cache/test_32.parquet", "cycle1/cell_probs_train.parquet",
+               "cycle1/cell_probs_test.parquet")
+
+
+@pytest.fixture(scope="module")
+def cell_runs(tmp_path_factory):
+    """A run ready for stage 05 (tests/cell_run.py: 12 train and 4 test fields, 3 cells each), and a copy
+    of it after an uninterrupted stage 05 (one process): ``(fresh, clean)``."""
+    import shutil
+
+    from cell_run import make_run
+
+    from hpa.config import save_config
+
+    root = tmp_path_factory.mktemp("cells")
+    fresh, cfg, _ = make_run(root, n_train=12, n_test=4, overrides=("device=cpu", "cell_model.loader_workers=0"))
+    save_config(fresh, cfg)
+    clean = root / "clean"
+    shutil.copytree(fresh, clean)
+    run_stage("05_train_cell.py", "--run", str(clean), *CELL_CMD)
+    return fresh, clean
+
+
+def fresh_copy(fresh: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(fresh, dst))
+
+
+def assert_same_stage_05_outputs(a: Path, b: Path) -> None:
+    """Crop caches (bytes, index, sidecar), cell-model weights, metrics but wall time, validation and cell
+    probabilities: all identical."""
+    for split in ("train", "test"):
+        rel = f"cell_cache/{split}_32"
+        assert (a / f"{rel}.npy").read_bytes() == (b / f"{rel}.npy").read_bytes(), rel
+        assert json.loads((a / f"{rel}.json").read_text()) == json.loads((b / f"{rel}.json").read_text())
+    for rel in ("cell_cache", "cycle1", "cycle1/cell_model"):  # the same files, no build or temporary file left
+        assert file_names(b / rel) == file_names(a / rel), rel
+    for rel in CELL_TABLES:
+        pd.testing.assert_frame_equal(pd.read_parquet(a / rel), pd.read_parquet(b / rel), check_exact=True, obj=rel)
+    for rel in ("cycle1/cell_model/metrics.csv", "cycle1/cell_model/val_predictions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(a / rel).drop(columns="seconds", errors="ignore"),
+                                      pd.read_csv(b / rel).drop(columns="seconds", errors="ignore"), check_exact=True,
+                                      obj=rel)
+    assert_same_weights(a / "cycle1/cell_model/model.pt", b / "cycle1/cell_model/model.pt")
+
+
+@pytest.mark.slow
+def test_stage_05_same_data_seed_and_settings_give_identical_cell_model_and_probabilities(cell_runs, tmp_path):
+    fresh, clean = cell_runs
+    again = fresh_copy(fresh, tmp_path / "again")
+    run_stage("05_train_cell.py", "--run", str(again), *CELL_CMD)
+    probs = pd.read_parquet(clean / "cycle1/cell_probs_train.parquet")
+    assert len(probs) == 36 and len(pd.read_parquet(clean / "cycle1/cell_probs_test.parquet")) == 12
+    assert pd.read_csv(clean / "cycle1/cell_model/metrics.csv")["epoch"].tolist() == [1, 2]
+    assert_same_stage_05_outputs(clean, again)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, call, when, match", [
+    ("hpa.cells.crops:_crop_job", 5, "before", None),  # building the train crop cache: 4 of 12 images done
+    ("hpa.engine.checkpoint:save_checkpoint", 1, "after", None),  # training: last.pt of epoch 1 of 2 written
+    ("hpa.utils.fs:write_parquet", 1, "after", "cell_probs_train"),  # predicting: train written, test not
+], ids=["crop-cache", "training", "predicting"])
+def test_stage_05_killed_and_rerun_equals_an_uninterrupted_run(cell_runs, tmp_path, target, call, when, match):
+    fresh, clean = cell_runs
+    run = fresh_copy(fresh, tmp_path / "run")
+    args = ["--run", str(run), *CELL_CMD]
+    killed_at(stage_cmd("05_train_cell.py", *args), target, call, tmp_path, when, match)
+    cache, model_dir = run / "cell_cache", run / "cycle1" / "cell_model"
+    if target.endswith("_crop_job"):  # the progress file lists the images whose crops are written
+        assert (cache / "train_32.partial.txt").read_text().split() == ["train0", "train1", "train2", "train3"]
+        assert not (cache / "train_32.npy").exists() and not model_dir.exists()
+    rerun = run_stage("05_train_cell.py", *args)
+    if target.endswith("_crop_job"):
+        assert f"resuming crop cache {cache / 'train_32.npy'}: 4 of 12 images done" in rerun.stderr
+    elif target.endswith("save_checkpoint"):
+        assert f"resuming {model_dir / 'last.pt'} from epoch 2 of 2" in rerun.stderr
+    else:
+        assert f"{model_dir / 'model.pt'} is complete (2 epochs); skipping training" in rerun.stderr
+        assert f"{run / 'cycle1/cell_probs_train.parquet'} is up to date; skipping" in rerun.stderr
+    assert_same_stage_05_outputs(clean, run)
 
 
 # ------------------------------------------------------------------ determinism
@@ -350,7 +510,7 @@ def test_chain_with_on_bad_image_skip_records_every_bad_image_and_copes_with_emp
     assert sub[t_black].n_predictions == sub[t_truncated].n_predictions == 0 and sub[test[2]].n_predictions > 0
     assert (sub[t_truncated].width, sub[t_truncated].height) == (128, 128)
 
-    report = __import__("json").loads((run / "report.json").read_text())
+    report = json.loads((run / "report.json").read_text())
     problems = report["input_problems"]
     listed = {(s["stage"], s["split"], s["ID"]) for s in problems["skipped"]}
     assert {("01_train_image", "train", i) for i in bad_train} <= listed
@@ -469,3 +629,30 @@ def test_field_cache_on_a_full_disk_fails_before_decoding_naming_the_file(tmp_pa
     with pytest.raises(OSError, match=r"could not reserve 0\.0 MiB for .*train_32\.partial\.npy: No space left"):
         build_field_cache(root, "train", [f"img{i:03d}" for i in range(4)], 32, cache, progress=False)
     assert not cache.exists() and leftovers(tmp_path / "run") == []
+
+
+def test_crop_cache_on_a_full_disk_fails_before_cropping_naming_the_file_and_resumes_once_there_is_space(
+        tmp_path, monkeypatch):
+    from cell_run import make_run
+
+    from hpa.cells import crops as crops_mod
+
+    run, _, _ = make_run(tmp_path, n_train=3, n_test=0)
+    data, masks, out = tmp_path / "data", run / "masks" / "train", run / "cell_cache"
+    ids = ["train0", "train1", "train2"]
+    jobs = []
+    real_job, real_fallocate = crops_mod._crop_job, getattr(os, "posix_fallocate", None)
+    monkeypatch.setattr(crops_mod, "_crop_job", lambda args: jobs.append(args[2]) or real_job(args))
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    # 9 cells x 4 x 128 x 128 uint8 + the 128-byte .npy header = 589,952 bytes = 0.56 MiB to reserve
+    with pytest.raises(OSError, match=r"could not reserve 0\.6 MiB for .*/train_128\.partial\.npy: No space left") as err:
+        crops_mod.build_crop_cache(data, masks, "train", ids, 128, 0.1, "dim", 0.25, out)
+    assert err.value.errno == errno.ENOSPC and jobs == []  # no field was read
+    assert leftovers(tmp_path) == [] and list(out.iterdir()) == []
+    if real_fallocate is None:
+        monkeypatch.delattr(os, "posix_fallocate")
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+    crops, index = crops_mod.build_crop_cache(data, masks, "train", ids, 128, 0.1, "dim", 0.25, out)  # space freed
+    assert jobs == ids and crops.shape == (9, 4, 128, 128) and len(index) == 9
+    assert sorted(p.name for p in out.iterdir()) == ["train_128.json", "train_128.npy", "train_128.parquet"]

@@ -161,6 +161,38 @@ def test_stage04_shards_then_unsharded_run_gives_the_same_labels(two_runs):
         stage.main(["--run", str(sharded), *common])  # no --cycle and no --shard
 
 
+def test_stage04_stopped_between_its_two_outputs_writes_both_on_rerun(two_runs, monkeypatch):
+    """pseudo_labels.parquet marks the cycle as done (a re-run skips it), so it is written last: stopped
+    after the first of the two files, the same command again ends with both, as an uninterrupted run."""
+    from hpa.pipeline import pseudo_labels as pl
+
+    data, one, two = two_runs
+    stage = _stage("04_pseudo_label.py")
+    common = ["--cycle", "1", "--data", str(data), "--profile", "quick"]
+    stage.main(["--run", str(one), *common])
+
+    class Stop(Exception):
+        pass
+
+    def stopping(write):
+        def wrapped(path, obj):
+            write(path, obj)
+            if Path(path).parent == two / "cycle1":
+                raise Stop(path)
+        return wrapped
+
+    monkeypatch.setattr(pl, "write_parquet", stopping(pl.write_parquet))
+    monkeypatch.setattr(pl, "write_json", stopping(pl.write_json))
+    with pytest.raises(Stop):
+        stage.main(["--run", str(two), *common])
+    monkeypatch.undo()
+    assert [p.name for p in (two / "cycle1").iterdir() if p.name.startswith("pseudo")] == ["pseudo_report.json"]
+    stage.main(["--run", str(two), *common])
+    pd.testing.assert_frame_equal(pd.read_parquet(one / "cycle1/pseudo_labels.parquet"),
+                                  pd.read_parquet(two / "cycle1/pseudo_labels.parquet"))
+    assert (one / "cycle1/pseudo_report.json").read_text() == (two / "cycle1/pseudo_report.json").read_text()
+
+
 def test_stage06_shards_merged_give_the_same_predictions_and_submission(two_runs):
     data, one, sharded = two_runs
     stage = _stage("06_predict.py")
