@@ -53,9 +53,8 @@ def score_methods(run: Path, data_dir: Path, table: pd.DataFrame, confs: dict[st
     images = {name: cell_images(gt, {i: (pred_masks[i], cell_ids[groups[i]], conf[groups[i]]) for i in ids}, cache)
               for name, conf in confs.items()}
     out: dict = {m: {} for m in modes}
-    for m in modes:
-        for name, ims in images.items():
-            res = score_images(gt, ims, m)
+    for name, ims in images.items():
+        for m, res in score_images(gt, ims, modes).items():
             out[m][name] = {"mAP": float(res.map),
                             "ap_per_class": [None if np.isnan(a) else float(a) for a in res.ap_per_class]}
     if n_boot > 0:

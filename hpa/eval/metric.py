@@ -303,8 +303,24 @@ def _score(
     sequential: bool | None = None,
     iou_type: str | None = None,
 ) -> MetricResult:
-    """Match, then AP per class.
+    """Match, then AP per class (:func:`_score_modes` for one mode)."""
+    return _score_modes(images, n_gt, (mode,), iou_threshold, n_images, sequential, iou_type)[mode]
 
+
+def _score_modes(
+    images: list[_ImageEval],
+    n_gt: np.ndarray,
+    modes: Sequence[str],
+    iou_threshold: float,
+    n_images: int,
+    sequential: bool | None = None,
+    iou_type: str | None = None,
+) -> dict[str, MetricResult]:
+    """Match once, then AP per class in each mode: ``{mode: MetricResult}``.
+
+    Matching does not depend on the mode: a prediction the oid rule ignores is in an image
+    without a true cell of its class, so it can never be a true positive nor take a cell from
+    another prediction; oid scores the same ranked list without those predictions.
     ``sequential=None`` picks the vectorised pass except for mask IoU at thresholds <= 0.5,
     where the greedy loop's fall-back to the best unmatched cell can differ from it.
     ``iou_type``: how the images' IoU was computed (read from them when None).
@@ -334,21 +350,18 @@ def _score(
     img, midx, cls, conf, has = (
         cat(img_l, np.int64), cat(midx_l, np.int64), cat(cls_l, np.int64), cat(conf_l, np.float64), cat(has_l, bool)
     )
-    keep = has if mode == "oid" else np.ones(len(cls), bool)
-    n_ignored = int((~keep).sum())
-    sel = np.flatnonzero(keep)
-    order = sel[np.lexsort((sel, -conf[sel], cls[sel]))]  # by class, then confidence desc, then input order
-    cls_s = cls[order]
-    tp = np.zeros(len(order), bool)
+    order = np.lexsort((np.arange(len(cls)), -conf, cls))  # by class, then confidence desc, then input order
+    cls_all = cls[order]
+    tp_all = np.zeros(len(order), bool)
     if not sequential:
         gid_s = cat(gid_l, np.int64)[order]
         valid = np.flatnonzero(gid_s >= 0)
-        _, first = np.unique(cls_s[valid] * max(offset, 1) + gid_s[valid], return_index=True)
-        tp[valid[first]] = True
+        _, first = np.unique(cls_all[valid] * max(offset, 1) + gid_s[valid], return_index=True)
+        tp_all[valid[first]] = True
     else:
         matched: dict[tuple[int, int], np.ndarray] = {}  # (image, class) -> true cells already taken
         for k, p in enumerate(order.tolist()):
-            i, c = int(img[p]), int(cls_s[k])
+            i, c = int(img[p]), int(cls_all[k])
             cols = np.flatnonzero(images[i].gt_labels[:, c])
             if not cols.size:
                 continue
@@ -362,28 +375,29 @@ def _score(
                 ok[j] = ious[j] >= iou_threshold and not taken[j]
             if ok.any():
                 taken[np.argmax(np.where(ok, ious, -np.inf))] = True
-                tp[k] = True
-    bounds = np.searchsorted(cls_s, np.arange(NUM_CLASSES + 1))
-    ap = np.full(NUM_CLASSES, np.nan)
-    n_pred = np.diff(bounds).astype(np.int64)
-    n_tp = np.array([tp[bounds[c] : bounds[c + 1]].sum() for c in range(NUM_CLASSES)], np.int64)
-    for c in range(NUM_CLASSES):
-        ap[c] = _average_precision(tp[bounds[c] : bounds[c + 1]], int(n_gt[c]))
+                tp_all[k] = True
     has_gt = n_gt > 0
-    score = float(np.mean(ap[has_gt])) if has_gt.any() else float("nan")
-    return MetricResult(
-        map=score,
-        ap_per_class=ap,
-        n_gt_per_class=n_gt.astype(np.int64),
-        n_pred_per_class=n_pred,
-        n_tp_per_class=n_tp,
-        mode=mode,
-        iou_threshold=float(iou_threshold),
-        iou_type=iou_type,
-        n_images=n_images,
-        n_images_predicted=len(images),
-        n_ignored=n_ignored,
-    )
+    out = {}
+    for mode in modes:
+        keep = has[order] if mode == "oid" else np.ones(len(order), bool)
+        cls_s, tp = cls_all[keep], tp_all[keep]
+        bounds = np.searchsorted(cls_s, np.arange(NUM_CLASSES + 1))
+        ap = np.array([_average_precision(tp[bounds[c] : bounds[c + 1]], int(n_gt[c])) for c in range(NUM_CLASSES)])
+        n_tp = np.array([tp[bounds[c] : bounds[c + 1]].sum() for c in range(NUM_CLASSES)], np.int64)
+        out[mode] = MetricResult(
+            map=float(np.mean(ap[has_gt])) if has_gt.any() else float("nan"),
+            ap_per_class=ap,
+            n_gt_per_class=n_gt.astype(np.int64),
+            n_pred_per_class=np.diff(bounds).astype(np.int64),
+            n_tp_per_class=n_tp,
+            mode=mode,
+            iou_threshold=float(iou_threshold),
+            iou_type=iou_type,
+            n_images=n_images,
+            n_images_predicted=len(images),
+            n_ignored=int((~keep).sum()),
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- entry points
@@ -459,11 +473,17 @@ def cell_images(gt: GroundTruth, pred: Mapping[str, tuple], iou_cache: dict | No
     return images
 
 
-def score_images(gt: GroundTruth, images: list[_ImageEval], mode: str = "oid",
-                 iou_threshold: float = IOU_THRESHOLD) -> MetricResult:
-    """:func:`cell_map` of inputs already built by :func:`cell_images` (their IoU type)."""
-    _check_args(mode, iou_threshold)
-    return _score(images, _n_gt(gt), mode, iou_threshold, len(gt))
+def score_images(gt: GroundTruth, images: list[_ImageEval], mode: str | Sequence[str] = "oid",
+                 iou_threshold: float = IOU_THRESHOLD):
+    """:func:`cell_map` of inputs already built by :func:`cell_images` (their IoU type).
+
+    One ``mode``: a :class:`MetricResult`; a list of modes: ``{mode: MetricResult}`` (matched once).
+    """
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    for m in modes:
+        _check_args(m, iou_threshold)
+    res = _score_modes(images, _n_gt(gt), modes, iou_threshold, len(gt))
+    return res[mode] if isinstance(mode, str) else res
 
 
 def bootstrap_maps(gt: GroundTruth, images: Mapping[str, list[_ImageEval]], n_boot: int = 200, seed: int = 0,
@@ -490,8 +510,8 @@ def bootstrap_maps(gt: GroundTruth, images: Mapping[str, list[_ImageEval]], n_bo
         n_gt = n_per[draw].sum(0).astype(np.int64)
         for name, table in by_id.items():
             ims = [table[ids[j]] for j in draw if ids[j] in table]
-            for m in modes:
-                out[m][name][b] = _score(ims, n_gt, m, iou_threshold, len(draw)).map
+            for m, res in _score_modes(ims, n_gt, modes, iou_threshold, len(draw)).items():
+                out[m][name][b] = res.map
     return out[mode] if isinstance(mode, str) else out
 
 

@@ -376,6 +376,12 @@ def test_bootstrap_resamples_images_and_pairs_the_methods():
     sub_pred = {f"{ids[j]}#{n}": pred[ids[j]] for n, j in enumerate(draw) if ids[j] in pred}
     assert boot["a"][0] == pytest.approx(cell_map(sub_gt, sub_pred).map)
     assert not np.array_equal(boot["a"], boot["b"])
+    both = bootstrap_maps(gt, images, n_boot=30, seed=1, mode=("oid", "strict"))  # matched once, scored twice
+    np.testing.assert_array_equal(both["oid"]["a"], boot["a"])
+    np.testing.assert_array_equal(both["strict"]["b"], bootstrap_maps(gt, images, n_boot=30, seed=1, mode="strict")["b"])
+    assert (both["strict"]["a"] <= both["oid"]["a"] + 1e-12).all() and (both["strict"]["a"] < both["oid"]["a"]).any()
+    res = score_images(gt, images["a"], ["strict", "oid"])
+    assert list(res) == ["strict", "oid"] and res["strict"].map == cell_map(gt, pred, mode="strict").map
 
 
 def test_step_gains_from_paired_resamples():
