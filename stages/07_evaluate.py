@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Stage 07: score every method on the test split and write the report.
 
-With DATA/gt/: cell-level mAP (IoU >= 0.6, competition rules) of broadcast, CAM, cycle 1,
-cycle 2 and oracle, per-class AP, combination-rule ablations, segmentation match rate,
-pseudo-label diagnostics and stage timings. Without gt/ (real HPA data): coverage and
-timings only. Writes RUN/report.json, RUN/report.md, RUN/report_ap.png.
+With DATA/gt/: cell-level mAP (IoU >= 0.6) of broadcast, CAM, cell view, cycle 1, cycle 2
+and oracle in both scoring modes (oid: the competition's; strict), per-class AP, paired step
+gains, combination-rule ablations, segmentation match rate. With or without gt/: the cell
+models aggregated to the image on the validation fold next to the image model, pseudo-label
+coverage per class, predicted top classes of the test cells, cells per field, skipped fields,
+the segmenter and why, stage timings. Writes RUN/report.json, RUN/report.md, RUN/report_ap.png.
 """
 
 import argparse
@@ -20,8 +22,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     ap.add_argument("--mode", choices=("oid", "strict"), default="oid",
-                    help="oid: as the competition (predictions of classes absent from the image are ignored); "
-                         "strict: they count as false positives")
+                    help="which scoring mode leads the report (both are always scored): oid, as the competition "
+                         "(predictions of classes absent from the image are ignored); strict: they count as false "
+                         "positives")
     args = ap.parse_args(argv)
     run_stage("07_evaluate", args.run, lambda: run(args))
 

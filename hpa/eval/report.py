@@ -38,42 +38,155 @@ def describe(method: str, combine: str | None = None) -> str:
     return text
 
 
-def render_markdown(r: dict) -> str:
-    lines = [f"# Report for {r['run']}", "", f"Data: `{r['data']}`, profile `{r.get('profile')}`, scoring mode `{r['mode']}`.", ""]
-    if r.get("methods"):
-        ci = all("ci95" in v for v in r["methods"].values())
-        lines += ["## Cell-level mAP (test split, IoU >= 0.6)", "",
-                  "| method | what | mAP |" + (" 95% CI |" if ci else ""), "|---|---|---|" + ("---|" if ci else "")]
-        for m, v in r["methods"].items():
-            lines.append(f"| {m} | {describe(m, r.get('combine'))} | {v['mAP']:.4f} |"
-                         + (f" {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f} |" if ci else ""))
-        if "oracle" in r["methods"] and r.get("submitted") in r["methods"]:
-            ratio = r["methods"][r["submitted"]]["mAP"] / max(r["methods"]["oracle"]["mAP"], 1e-9)
-            lines += ["", f"Submitted model `{r['submitted']}` reaches {ratio:.3f} of the oracle."]
-        if r.get("steps"):
-            lines += ["", f"### Does each step add? (paired bootstrap: {r['bootstrap']['resamples']} resamples of the "
-                      "test images, every method scored on the same ones)", "",
-                      "| step | mAP gain | 95% CI of the gain | resamples where it gains |", "|---|---|---|---|"]
-            lines += [f"| {s['from']} -> {s['to']} | {s['gain']:+.4f} | {s['ci95'][0]:+.4f} to {s['ci95'][1]:+.4f} | "
-                      f"{100 * s['p_better']:.0f}% |" for s in r["steps"]]
-        lines += ["", "### AP per class", "", "| class | " + " | ".join(r["methods"]) + " |",
-                  "|---|" + "---|" * len(r["methods"])]
+MODE_TEXT = {"oid": "the competition's rule: a prediction of a class that none of the image's true cells has is ignored",
+             "strict": "such predictions are false positives: confidences must mean the same in every image, "
+                       "as when all cells of a data set are ranked by one class"}
+
+
+def _fmt(v, spec=".4f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _by_mode(r: dict) -> dict:
+    """``{mode: {"methods", "steps", "ablations"}}``, lead mode first (reports of one mode: that mode)."""
+    if r.get("by_mode"):
+        return {m: r["by_mode"][m] for m in r.get("modes", r["by_mode"]) if m in r["by_mode"]}
+    return {r["mode"]: {k: r[k] for k in ("methods", "steps", "ablations") if k in r}}
+
+
+def _score_lines(r: dict) -> list[str]:
+    """The cell-level sections: both modes side by side."""
+    bm = _by_mode(r)
+    modes = list(bm)
+    lead = bm[modes[0]]["methods"]
+    ci = all("ci95" in v for e in bm.values() for v in e["methods"].values())
+    lines = ["## Cell-level mAP (test split, IoU >= 0.6)", ""]
+    lines += [f"- `{m}`{' (leads)' if i == 0 and len(modes) > 1 else ''}: {MODE_TEXT.get(m, m)}." for i, m in enumerate(modes)]
+    head = "| method | what |" + "".join(f" {m} mAP |" + (" 95% CI |" if ci else "") for m in modes)
+    lines += ["", head, "|---|---|" + ("---|" * (2 if ci else 1)) * len(modes)]
+    for name in lead:
+        row = f"| {name} | {describe(name, r.get('combine'))} |"
+        for m in modes:
+            v = bm[m]["methods"].get(name)
+            row += f" {_fmt(v and v['mAP'])} |"
+            if ci:
+                row += f" {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f} |" if v else " - |"
+        lines.append(row)
+    sub = r.get("submitted")
+    if "oracle" in lead and sub in lead:
+        parts = [f"{bm[m]['methods'][sub]['mAP'] / max(bm[m]['methods']['oracle']['mAP'], 1e-9):.3f} ({m})"
+                 for m in modes]
+        lines += ["", f"Submitted model `{sub}` reaches " + ", ".join(parts) + " of the oracle."]
+    if any(e.get("steps") for e in bm.values()):
+        lines += ["", f"### Does each step add? (paired bootstrap: {r['bootstrap']['resamples']} resamples of the "
+                  "test images, every method and mode scored on the same ones)", "",
+                  "| step |" + "".join(f" {m} gain | 95% CI | resamples where it gains |" for m in modes),
+                  "|---|" + "---|---|---|" * len(modes)]
+        steps = {m: {(s["from"], s["to"]): s for s in bm[m].get("steps", [])} for m in modes}
+        for key in steps[modes[0]]:
+            row = f"| {key[0]} -> {key[1]} |"
+            for m in modes:
+                s = steps[m].get(key)
+                row += (f" {s['gain']:+.4f} | {s['ci95'][0]:+.4f} to {s['ci95'][1]:+.4f} | {100 * s['p_better']:.0f}% |"
+                        if s else " - | - | - |")
+            lines.append(row)
+    for m in modes:
+        methods = bm[m]["methods"]
+        lines += ["", f"### AP per class ({m})", "", "| class | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
         for c in range(NUM_CLASSES):
-            vals = [r["methods"][m]["ap_per_class"][c] for m in r["methods"]]
+            vals = [methods[n]["ap_per_class"][c] for n in methods]
             if all(v is None for v in vals):
                 continue
-            lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+            lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join(_fmt(v, ".3f") for v in vals) + " |")
+    if any(e.get("ablations") for e in bm.values()):
+        lines += ["", "## Combination rule (submitted cell model)", "",
+                  "| variant |" + "".join(f" {m} mAP |" for m in modes), "|---|" + "---|" * len(modes)]
+        first = bm[modes[0]].get("ablations", {})
+        for k in sorted(first, key=lambda k: -first[k]):
+            lines.append(f"| {k} |" + "".join(f" {_fmt(bm[m].get('ablations', {}).get(k))} |" for m in modes))
+    if r.get("segmentation"):
+        s = r["segmentation"]
+        extra = (f" over all {s['images']} true test images" if "images" in s else "")
+        if s.get("images_without_mask"):
+            extra += f" ({s['images_without_mask']} without a predicted mask: their cells count as missed)"
+        lines += ["", "## Segmentation (test split)", "",
+                  f"{s['matched']} of {s['true_cells']} true cells matched at IoU >= 0.6 (recall {s['recall']:.3f}){extra}; "
+                  f"{s['predicted_cells']} predicted cells, {100 * s['unmatched_predicted']:.1f}% unmatched."]
+    return lines
+
+
+def _summary_lines(r: dict) -> list[str]:
+    """What the run says without cell truth (:func:`hpa.pipeline.evaluate.run_summary`)."""
+    sm = r.get("summary") or {}
+    lines = ["", "## What the run says without cell labels", ""]
+    if sm.get("segmenter"):
+        for split, seg in sm["segmenter"].items():
+            lines.append(f"- Segmenter ({split}): `{seg.get('segmenter')}`: {seg.get('reason', '')}")
+    for split, c in (sm.get("cells_per_field") or {}).items():
+        if not c.get("fields"):
+            continue
+        lines.append(f"- Cells per field ({split}): {c['fields']} fields, {c['cells']} cells; min {c['min']}, median "
+                     f"{c['median']:g}, mean {c['mean']:.1f}, max {c['max']}; {c['no_cells']} field(s) without any cell.")
+    problems = r.get("input_problems") or {}
+    if sm or problems:
+        n_skip = len({(x["split"], x["ID"]) for x in problems.get("skipped", [])})
+        lines.append(f"- Fields skipped as unreadable: {n_skip}" + (" (listed below)." if n_skip else "."))
+    lvl = sm.get("image_level")
+    if lvl:
+        names = list(lvl["methods"])
+        lines += ["", f"### Cell predictions aggregated to the image (validation fold {lvl['fold']}: {lvl['n_images']} "
+                  "training images no model trained on)", "",
+                  "Image-level AP against the image labels: the image model's own probabilities, and the cell models' "
+                  "(each class's image score is the maximum over the image's cells of the cell model's probability). "
+                  "A cell model far below the image model misses classes that the image shows.", "",
+                  "| class | images | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines.append("| **mAP** | | " + " | ".join(f"**{_fmt(lvl['methods'][n]['mAP'])}**" for n in names) + " |")
+        for c in range(NUM_CLASSES):
+            vals = [lvl["methods"][n]["ap_per_class"][c] for n in names]
+            if all(v is None for v in vals):
+                continue
+            lines.append(f"| {c} {CLASS_NAMES[c]} | {lvl['n_positive'][c]} | " + " | ".join(_fmt(v, ".3f") for v in vals) + " |")
+    cov = sm.get("pseudo_coverage")
+    if cov:
+        cycles = list(cov)
+        lines += ["", "### Pseudo-label coverage per class", "",
+                  "Training cells labelled with each class by the rule (cycle 2 also: cells filled from the cycle-1 model), "
+                  "out of the cells of training images that carry the class (Negative: out of every cell).", "",
+                  "| class | cells in images with it | " + " | ".join(f"{k} rule" + (f" | {k} filled" if cov[k].get("filled") else "")
+                                                           for k in cycles) + " |",
+                  "|---|---|" + "".join("---|" * (2 if cov[k].get("filled") else 1) for k in cycles)]
+        elig = next((cov[k]["eligible"] for k in cycles if cov[k].get("eligible")), None)
+        for c in range(NUM_CLASSES):
+            row = f"| {c} {CLASS_NAMES[c]} | {elig[c] if elig else '-'} |"
+            for k in cycles:
+                n = cov[k]["labelled"][c]
+                row += f" {n}" + (f" ({100 * n / elig[c]:.0f}%)" if elig and elig[c] else "") + " |"
+                if cov[k].get("filled"):
+                    row += f" {cov[k]['filled'][c]} |"
+            lines.append(row)
+    top = sm.get("test_top_classes")
+    if top and top["n_cells"]:
+        lines += ["", f"### Predicted top class of the {top['n_cells']} test cells ({top.get('model')})", "",
+                  "| class | cells | share | mean top confidence |", "|---|---|---|---|"]
+        for c in range(NUM_CLASSES):
+            n = top["counts"][c]
+            if n:
+                lines.append(f"| {c} {CLASS_NAMES[c]} | {n} | {100 * n / top['n_cells']:.1f}% | {top['mean_conf'][c]:.3f} |")
+    return lines if len(lines) > 3 else []
+
+
+def render_markdown(r: dict) -> str:
+    modes = r.get("modes") or [r["mode"]]
+    lines = [f"# Report for {r['run']}", "",
+             f"Data: `{r['data']}`, profile `{r.get('profile')}`, scoring modes "
+             + ", ".join(f"`{m}`" for m in modes) + (f" (`{r['mode']}` leads)." if len(modes) > 1 else "."), ""]
+    if r.get("methods"):
+        lines += _score_lines(r)
     if r.get("not_run"):
         lines += ["", "## Not run (no ground truth)", ""]
         lines += [f"- {what}: {why}" for what, why in r["not_run"].items()]
-    if r.get("ablations"):
-        lines += ["", "## Combination rule (submitted cell model)", "", "| variant | mAP |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(r["ablations"].items(), key=lambda kv: -kv[1])]
-    if r.get("segmentation"):
-        s = r["segmentation"]
-        lines += ["", "## Segmentation (test split)", "",
-                  f"{s['matched']} of {s['true_cells']} true cells matched at IoU >= 0.6 (recall {s['recall']:.3f}); "
-                  f"{s['predicted_cells']} predicted cells, {100 * s['unmatched_predicted']:.1f}% unmatched."]
+    lines += _summary_lines(r)
     for k in (1, 2):
         pr = r.get(f"pseudo_cycle{k}")
         if not pr:
@@ -145,11 +258,15 @@ def plot_ap(path: Path, methods: dict) -> None:
 
 
 def summary_table(report: dict) -> str:
-    """The few lines run_all.sh prints at the end."""
+    """The few lines run_all.sh prints at the end: every method's mAP in both modes."""
     if not report.get("methods"):
-        rows = ["no ground truth: nothing scored (see report.md for coverage and timings)"]
+        rows = ["no ground truth: no cell-level scores (report.md has what the run says without cell labels)"]
     else:
-        rows = [f"{m:<10} mAP={v['mAP']:.4f}  {describe(m, report.get('combine'))}" for m, v in report["methods"].items()]
+        bm = _by_mode(report)
+        rows = []
+        for m in report["methods"]:
+            scores = "  ".join(f"{mode}={e['methods'][m]['mAP']:.4f}" for mode, e in bm.items() if m in e["methods"])
+            rows.append(f"{m:<10} mAP {scores}  {describe(m, report.get('combine'))}")
     problems = report.get("input_problems") or {}
     n_skip = len({(s["split"], s["ID"]) for s in problems.get("skipped", [])})
     n_empty = len(problems.get("no_cells", []))

@@ -3,14 +3,19 @@
 Command line::
 
     python -m hpa.score SUBMISSION_CSV DATA_DIR [--split test] [--mode oid|strict] [--iou 0.6]
+        [--iou-type mask|box]
 
 Ground truth lives in ``DATA_DIR/gt/``: ``{ID}_cellmask.png`` (cell instance masks,
 read with :func:`hpa.io.fields.read_mask`) and ``cell_labels.csv`` with columns
 ``ID,cell_id,Label,split`` (Label: classes joined by ``|``, 18 = Negative). Only rows of
-the chosen split count (``--split all``: every row). Prints a per-class table and, as the
+the chosen split count (``--split all``: every row). An image without any true cell has
+no row there: it belongs to the split's ground truth when ``DATA_DIR/{split}.csv`` lists it
+and ``gt/{ID}_cellmask.png`` exists (a mask without cells); its predictions are false
+positives in ``strict`` mode and ignored in ``oid`` mode. Prints a per-class table and, as the
 last line, ``mAP=0.xxxx``. An ID in the submission that is not in the split's ground
 truth is an error; a ground-truth image missing from the submission counts as having no
-predictions (a warning gives their number).
+predictions (a warning gives their number). ``--iou-type box`` compares the masks' tight
+boxes, as the organisers' stored evaluation script does (docs/metric.md).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 from pathlib import Path
 
 from hpa.constants import IOU_THRESHOLD
-from hpa.eval.metric import MODES, MetricResult, submission_map
+from hpa.eval.metric import IOU_TYPES, MODES, MetricResult, submission_map
 from hpa.eval.submission import read_submission
 from hpa.io.errors import InputError
 from hpa.io.layout import parse_label_string, read_csv_table
@@ -72,11 +77,34 @@ def read_cell_labels(csv_path: str | os.PathLike, split: str = "test") -> dict[s
     return out
 
 
+def cell_less_images(data_dir: str | os.PathLike, split: str, labelled: set[str]) -> list[str]:
+    """Images of a split without any true cell: listed in ``DATA_DIR/{split}.csv`` (``all``: train
+    and test), absent from ``cell_labels.csv`` (``labelled``: its IDs of every split), with a true
+    mask file ``gt/{ID}_cellmask.png`` (which must then hold no cell; checked when scored)."""
+    from hpa.io.layout import read_ids
+
+    data_dir = Path(data_dir)
+    out: list[str] = []
+    for s in (("train", "test") if split == "all" else (split,)):
+        listing = data_dir / f"{s}.csv"
+        if listing.is_file():
+            out += [i for i in read_ids(listing) if i not in labelled and mask_path(data_dir, i).is_file()]
+    return list(dict.fromkeys(out))
+
+
 def load_ground_truth(data_dir: str | os.PathLike, split: str = "test") -> dict[str, tuple[Path, dict[int, list[int]]]]:
-    """``{image_id: (mask_path, {cell_id: [classes]})}`` of a split; masks are read when scored."""
+    """``{image_id: (mask_path, {cell_id: [classes]})}`` of a split; masks are read when scored.
+
+    Images of the split without any true cell (:func:`cell_less_images`) are included with
+    an empty labels dict, after the labelled ones.
+    """
     data_dir = Path(data_dir)
     labels = read_cell_labels(data_dir / "gt" / LABELS_FILE, split)
-    return {image_id: (mask_path(data_dir, image_id), cells) for image_id, cells in labels.items()}
+    gt = {image_id: (mask_path(data_dir, image_id), cells) for image_id, cells in labels.items()}
+    labelled = set(gt) if split == "all" else set(read_cell_labels(data_dir / "gt" / LABELS_FILE, "all"))
+    for image_id in cell_less_images(data_dir, split, labelled):
+        gt[image_id] = (mask_path(data_dir, image_id), {})
+    return gt
 
 
 def score_submission(
@@ -85,6 +113,7 @@ def score_submission(
     split: str = "test",
     mode: str = "oid",
     iou_threshold: float = IOU_THRESHOLD,
+    iou_type: str = "mask",
 ) -> tuple[MetricResult, list[str]]:
     """Score a submission file against ``DATA_DIR/gt``.
 
@@ -106,7 +135,7 @@ def score_submission(
     if absent:
         raise InputError(f"{len(absent)} ground-truth mask file(s) missing: {absent[:5]}")
     missing = [i for i in gt if i not in sub]
-    result = submission_map(gt, sub, mode=mode, iou_threshold=iou_threshold)
+    result = submission_map(gt, sub, mode=mode, iou_threshold=iou_threshold, iou_type=iou_type)
     return result, missing
 
 
@@ -117,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="split of cell_labels.csv to score on, or 'all' (default test)")
     parser.add_argument("--mode", default="oid", choices=MODES, help="oid: ignore classes absent from an image (host's rule); strict: count them as false positives")
     parser.add_argument("--iou", type=float, default=IOU_THRESHOLD, help="IoU threshold for a match (default 0.6)")
+    parser.add_argument("--iou-type", default="mask", choices=IOU_TYPES,
+                        help="mask: pixel IoU (default); box: IoU of the masks' tight boxes, as the organisers' "
+                             "stored evaluation script (docs/metric.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HPA_LOG", "WARNING"), format="%(name)s %(levelname)s %(message)s")
     try:
-        result, missing = score_submission(args.submission, args.data_dir, args.split, args.mode, args.iou)
+        result, missing = score_submission(args.submission, args.data_dir, args.split, args.mode, args.iou, args.iou_type)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"split={args.split} mode={result.mode} iou>={result.iou_threshold:g} images={result.n_images}")
+    print(f"split={args.split} mode={result.mode} iou>={result.iou_threshold:g} iou_type={result.iou_type} "
+          f"images={result.n_images}")
     print(result.table())
     if missing:
         print(f"warning: {len(missing)} of {result.n_images} ground-truth images have no row in the submission (scored as no predictions)")

@@ -376,6 +376,12 @@ def test_bootstrap_resamples_images_and_pairs_the_methods():
     sub_pred = {f"{ids[j]}#{n}": pred[ids[j]] for n, j in enumerate(draw) if ids[j] in pred}
     assert boot["a"][0] == pytest.approx(cell_map(sub_gt, sub_pred).map)
     assert not np.array_equal(boot["a"], boot["b"])
+    both = bootstrap_maps(gt, images, n_boot=30, seed=1, mode=("oid", "strict"))  # matched once, scored twice
+    np.testing.assert_array_equal(both["oid"]["a"], boot["a"])
+    np.testing.assert_array_equal(both["strict"]["b"], bootstrap_maps(gt, images, n_boot=30, seed=1, mode="strict")["b"])
+    assert (both["strict"]["a"] <= both["oid"]["a"] + 1e-12).all() and (both["strict"]["a"] < both["oid"]["a"]).any()
+    res = score_images(gt, images["a"], ["strict", "oid"])
+    assert list(res) == ["strict", "oid"] and res["strict"].map == cell_map(gt, pred, mode="strict").map
 
 
 def test_step_gains_from_paired_resamples():
@@ -388,3 +394,154 @@ def test_step_gains_from_paired_resamples():
     assert len(steps) == 1 and steps[0]["from"] == "broadcast" and steps[0]["to"] == "cam"
     assert steps[0]["gain"] == pytest.approx(0.1) and steps[0]["p_better"] == pytest.approx(1.0)
     assert steps[0]["ci95"][0] == pytest.approx(np.percentile([0.1, 0.05, 0.05, 0.2], 2.5))
+
+
+# --------------------------------------------------------------------------- images without true cells
+def image_without_cells_case():
+    g = three_cells()  # A: cells 1, 2 of class 0, cell 3 of class 1
+    empty = np.zeros((10, 10), np.int32)
+    p_e = np.zeros_like(empty)
+    p_e[2:6, 2:6] = 1  # a cell found where there is none
+    gt = {"A": (g, {1: [0], 2: [0], 3: [1]}), "E": (empty, {})}
+    pred = {"A": (g, [1, 2, 3], conf_matrix({0: {0: 0.9}, 1: {0: 0.5}, 2: {1: 0.8}})),
+            "E": (p_e, [1], conf_matrix({0: {0: 0.7, 1: 0.9}}))}
+    return gt, pred
+
+
+@pytest.mark.parametrize("iou_type", ["mask", "box"])
+def test_prediction_in_an_image_without_true_cells(tmp_path, iou_type):
+    gt, pred = image_without_cells_case()
+    # strict: class 0: A1 .9 TP, E .7 FP, A2 .5 TP -> precision 1, 1/2, 2/3 -> monotone 1, 2/3, 2/3 -> AP 5/6
+    #         class 1: E .9 FP, A3 .8 TP -> precision 0, 1/2 -> monotone 1/2, 1/2 -> AP 1/2; mAP (5/6 + 1/2) / 2 = 2/3
+    strict, strict_sub = both_paths(tmp_path, gt, pred, mode="strict", iou_type=iou_type)
+    assert strict.ap_per_class[0] == pytest.approx(5 / 6, abs=1e-15)
+    assert strict.ap_per_class[1] == pytest.approx(0.5, abs=1e-15)
+    assert strict.map == pytest.approx(2 / 3, abs=1e-15) and strict.n_pred_per_class[:2].tolist() == [3, 2]
+    assert strict.n_images == 2 and strict.n_images_predicted == 2
+    assert_same(strict, strict_sub)
+    # oid: the image has no class at all, so both of its predictions are ignored (the organisers' evaluator
+    # never adds an image without ground-truth rows): AP 1 and 1
+    oid, oid_sub = both_paths(tmp_path, gt, pred, mode="oid", iou_type=iou_type)
+    assert oid.map == 1.0 and oid.n_ignored == 2 and oid.n_pred_per_class[:2].tolist() == [2, 1]
+    assert_same(oid, oid_sub)
+
+
+def test_score_cli_counts_images_without_true_cells(tmp_path, capsys):
+    data = make_data_dir(tmp_path / "data")  # A, B labelled test images; T a train image
+    empty = np.zeros((10, 10), np.int32)
+    write_mask(data / "gt" / "E_cellmask.png", empty)
+    gt, pred = image_without_cells_case()
+    pred = {"A": (three_cells(), [1, 2, 3], conf_matrix({0: {0: 0.9}, 1: {0: 0.5}, 2: {18: 0.8}})), "E": pred["E"]}
+    sub = write_submission(tmp_path / "sub.csv", pred)
+    # E has a mask but is not listed as a test image: not ground truth
+    assert score_main([str(sub), str(data)]) == 2
+    assert "row 3 ID 'E'" in capsys.readouterr().err
+    (data / "test.csv").write_text("ID\nA\nB\nE\n")
+    # strict: class 0: A1 .9 TP, E .7 FP, A2 .5 TP -> AP 5/6; class 1 (A2, B1 true): E .9 FP -> AP 0;
+    #         class 18: A3 .8 TP -> AP 1; mAP = (5/6 + 0 + 1) / 3 = 11/18
+    assert score_main([str(sub), str(data), "--mode", "strict"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].endswith("images=3") and out[-1] == f"mAP={11 / 18:.4f}"
+    # oid: E's two predictions ignored: class 0 AP 1, class 1 AP 0 (no prediction), class 18 AP 1 -> 2/3
+    assert score_main([str(sub), str(data)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "mAP=0.6667" and any(line.startswith("note: 2 predictions") for line in out)
+    one_cell = np.zeros((10, 10), np.int32)
+    one_cell[0:3, 0:3] = 1
+    write_mask(data / "gt" / "E_cellmask.png", one_cell)  # listed, unlabelled, but its mask has a cell
+    assert score_main([str(sub), str(data), "--mode", "strict"]) == 2
+    assert "image 'E': true mask and true labels disagree: cells [1] of the mask have no labels" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- box IoU (the organisers' script)
+def test_instance_boxes_and_box_iou_by_hand():
+    m = np.zeros((6, 8), np.int32)
+    m[1:3, 2:5] = 4  # rows 1-2, cols 2-4
+    m[5, 7] = 9
+    ids, boxes = metric.instance_boxes(m)
+    assert ids.tolist() == [4, 9]
+    assert boxes.tolist() == [[1, 2, 3, 5], [5, 7, 6, 8]]  # [ymin, xmin, ymax + 1, xmax + 1]
+    # [0,0,2,2] vs [1,1,3,3]: intersection 1, union 4 + 4 - 1 = 7; a zero-area box: IoU 0
+    iou = metric.box_iou(np.array([[0, 0, 2, 2], [0, 0, 0, 0]]), np.array([[1, 1, 3, 3], [0, 0, 2, 2]]))
+    np.testing.assert_allclose(iou, [[1 / 7, 1.0], [0.0, 0.0]], rtol=0, atol=1e-15)
+    assert metric.instance_boxes(np.zeros((3, 3), np.int32))[1].shape == (0, 4)
+
+
+def box_vs_mask_case():
+    g = np.zeros((12, 20), np.int32)
+    g[0:10, 0:2] = 1
+    g[8:10, 0:10] = 1  # cell 1: an L of 20 + 20 - 4 = 36 pixels in the box rows 0-9, cols 0-9
+    g[0:3, 14:17] = 2  # cell 2: a 3 x 3 square
+    p = np.zeros_like(g)
+    p[0:10, 0:10] = 1  # the L's whole box: mask IoU 36/100 = 0.36, box IoU 1
+    p[0:3, 14:17] = 2
+    p[11, 19] = 2  # cell 2 and one stray pixel: mask IoU 9/10 = 0.9; box rows 0-11 x cols 14-19 = 72 -> IoU 9/72
+    gt = {"A": (g, {1: [0], 2: [1]})}
+    return gt, {"A": (p, [1, 2], conf_matrix({0: {0: 0.9}, 1: {1: 0.8}}))}
+
+
+def test_box_and_mask_iou_disagree_by_hand(tmp_path, capsys):
+    gt, pred = box_vs_mask_case()
+    mask, mask_sub = both_paths(tmp_path, gt, pred, iou_type="mask")
+    box, box_sub = both_paths(tmp_path, gt, pred, iou_type="box")
+    assert mask.ap_per_class[:2].tolist() == [0.0, 1.0] and mask.iou_type == "mask"
+    assert box.ap_per_class[:2].tolist() == [1.0, 0.0] and box.iou_type == "box"
+    assert_same(mask, mask_sub)
+    assert_same(box, box_sub)
+    assert box_sub.to_dict()["iou_type"] == "box"
+    # the command line: the same file, both IoU types
+    data = tmp_path / "data"
+    write_mask(data / "gt" / "A_cellmask.png", gt["A"][0])
+    (data / "gt" / "cell_labels.csv").write_text("ID,cell_id,Label,split\nA,1,0,test\nA,2,1|2,test\n")
+    sub = write_submission(tmp_path / "box.csv", {"A": (pred["A"][0], [1, 2, 2], conf_matrix({0: {0: 0.9}, 1: {1: 0.8}, 2: {2: 0.7}}))})
+    # classes 0, 1, 2 with one true cell each; class 2's prediction is cell 2 with the stray pixel as well
+    assert score_main([str(sub), str(data)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"mAP={2 / 3:.4f}"  # AP 0, 1, 1
+    assert score_main([str(sub), str(data), "--iou-type", "box"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "iou_type=box" in out[0] and out[-1] == f"mAP={1 / 3:.4f}"  # AP 1, 0, 0
+
+
+def test_box_matching_takes_the_best_box_without_fall_back(tmp_path):
+    # two true cells of class 0 interleaved column by column: A the even columns, B the odd ones of a 10 x 10
+    # square; boxes [0,0,10,9] and [0,1,10,10] overlap at IoU 80 / 100 = 0.8
+    g = np.zeros((10, 10), np.int32)
+    g[:, 0::2] = 1
+    g[:, 1::2] = 2
+    p1 = (g == 1).astype(np.int32)  # A exactly: box IoU 1 with A, 0.8 with B
+    p2 = p1.copy()
+    p2[5, 4] = 0  # A without one inner pixel: the same box (two overlapping predicted masks: built by hand)
+    boxes = np.concatenate([metric.instance_boxes(p1)[1], metric.instance_boxes(p2)[1]])
+    iou = metric.box_iou(boxes, metric.instance_boxes(g)[1])
+    np.testing.assert_allclose(iou, [[1.0, 0.8], [1.0, 0.8]], atol=1e-15)
+    im = metric._ImageEval(iou, np.eye(2, 19, dtype=bool)[[0, 0]], np.array([0, 1]), np.array([0, 0]),
+                           np.array([0.9, 0.8]), "I", "box")
+    # p1 .9 takes A; p2 .8: its best box is A's, already taken -> FP, although B's box has IoU 0.8 >= 0.6
+    # (a fall-back would make it a TP): precision 1, 1/2 -> AP = 1/2 (1 of 2 true cells found)
+    for sequential in (False, True):
+        r = metric._score([im], np.eye(1, 19, dtype=np.int64)[0] * 2, "oid", 0.6, 1, sequential=sequential)
+        assert r.n_tp_per_class[0] == 1 and r.ap_per_class[0] == 0.5
+    im.iou_type = "mask"  # the mask loop's fall-back (used for thresholds <= 0.5) would take B
+    assert metric._score([im], np.eye(1, 19, dtype=np.int64)[0] * 2, "oid", 0.6, 1, sequential=True).map == 1.0
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_box_vectorised_core_equals_greedy_loop(seed, monkeypatch):
+    gt, pred = random_case(seed, n_images=5)
+    for mode in ("oid", "strict"):
+        vec = cell_map(gt, pred, mode=mode, iou_type="box")
+        real_score = metric._score
+        monkeypatch.setattr(metric, "_score", lambda *a, **k: real_score(*a, **{**k, "sequential": True}))
+        loop = cell_map(gt, pred, mode=mode, iou_type="box")
+        monkeypatch.setattr(metric, "_score", real_score)
+        assert_same(vec, loop)
+        assert vec.n_tp_per_class.sum() > 0
+
+
+def test_box_submission_round_trip_equals_fast_path(tmp_path):
+    gt, pred = random_case(1)
+    fast, slow = both_paths(tmp_path, gt, pred, mode="strict", iou_type="box")
+    assert 0 < fast.map < 1
+    assert_same(fast, slow)
+    with pytest.raises(ValueError, match="unknown IoU type 'poly'; valid: mask, box"):
+        cell_map(gt, pred, iou_type="poly")

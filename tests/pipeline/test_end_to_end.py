@@ -30,7 +30,25 @@ def test_quick_profile_end_to_end(tmp_path):
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
     assert list(report["methods"]) == ["broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle"]
-    assert all(0.0 <= v["mAP"] <= 1.0 and v["ci95"][0] <= v["ci95"][1] for v in report["methods"].values())
+    # every method in both scoring modes; strict only adds false positives (predictions of classes absent from
+    # their image), so no class can score higher there than in oid
+    assert report["modes"] == ["oid", "strict"] and report["methods"] == report["by_mode"]["oid"]["methods"]
+    strict = report["by_mode"]["strict"]["methods"]
+    assert list(strict) == list(report["methods"])
+    n_lower = 0
+    for name, v in report["methods"].items():
+        assert v["ci95"][0] <= v["ci95"][1] and strict[name]["ci95"][0] <= strict[name]["ci95"][1]
+        for a, b in zip(v["ap_per_class"], strict[name]["ap_per_class"]):
+            assert (a is None) == (b is None) and (a is None or b <= a + 1e-12), name
+            n_lower += a is not None and b < a - 1e-6
+        assert strict[name]["mAP"] <= v["mAP"] + 1e-12
+    assert n_lower > 0  # the images do get predictions of classes they lack: the modes differ
+    # segmentation recall over every true test cell
+    from hpa.eval.gt import read_cell_labels
+
+    seg = report["segmentation"]
+    assert seg["images"] == 8 and seg["true_cells"] == sum(len(c) for c in read_cell_labels(data, "test").values())
+    assert seg["recall"] >= 0.95 and seg["matched"] == round(seg["recall"] * seg["true_cells"])
     assert [(s["from"], s["to"]) for s in report["steps"]][:4] == [("broadcast", "cam"), ("cam", "cycle1"),
                                                                    ("cycle1", "cycle2"), ("cycle2", "oracle")]
     report_md = (run / "report.md").read_text()
@@ -49,11 +67,13 @@ def test_quick_profile_end_to_end(tmp_path):
     assert sum(pr2["filled"]["per_class"]) == round((1 - pr2["coverage"]["labelled"]) * len(cells))
     sub = pd.read_csv(run / "submission.csv")
     assert len(sub) == 8
-    # the submission scores through the stand-alone scorer like the report's submitted model
-    out = subprocess.run([sys.executable, "-m", "hpa.score", str(run / "submission.csv"), str(data)], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    assert out.startswith("mAP=")
-    assert float(out[4:]) == pytest.approx(report["methods"][report["submitted"]]["mAP"], abs=1e-4)
+    # the submission scores through the stand-alone scorer like the report's submitted model, in both modes
+    assert report["submitted"] == "cycle2"
+    for mode in ("oid", "strict"):
+        out = subprocess.run([sys.executable, "-m", "hpa.score", str(run / "submission.csv"), str(data), "--mode", mode],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        assert out.startswith("mAP=")
+        assert float(out[4:]) == pytest.approx(report["by_mode"][mode]["methods"]["cycle2"]["mAP"], abs=1e-4), mode
     # a re-run resumes: nothing is retrained and the report is the same
     proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
                           cwd=ROOT, env=env, capture_output=True, text=True)

@@ -520,7 +520,19 @@ def test_chain_with_on_bad_image_skip_records_every_bad_image_and_copes_with_emp
                                                                     ("test", t_black)}
     md = (run / "report.md").read_text()
     assert "## Images left out or without cells" in md and f"{truncated}_green.png" in md and t_black in md
-    assert report["methods"]["cycle1"]["mAP"] >= 0
+    # the submission (cycle 1 here) scores as the report's row in both modes, and the segmentation recall counts
+    # the true cells of the unreadable test field (no mask) and of the black one (no cell) as missed
+    from hpa.eval.gt import read_cell_labels
+    from hpa.eval.score import score_submission
+
+    for mode in ("oid", "strict"):
+        res, missing = score_submission(run / "submission.csv", data, "test", mode)
+        assert not missing and res.map == pytest.approx(report["by_mode"][mode]["methods"]["cycle1"]["mAP"], abs=1e-4)
+    truth = read_cell_labels(data, "test")
+    seg = report["segmentation"]
+    assert (seg["images"], seg["images_without_mask"]) == (len(test), 1)
+    assert seg["true_cells"] == sum(len(c) for c in truth.values())
+    assert seg["matched"] <= seg["true_cells"] - len(truth[t_black]) - len(truth[t_truncated])
 
 
 def test_field_size_reads_headers_of_an_undecodable_field(tmp_path):
