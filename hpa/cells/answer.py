@@ -17,14 +17,14 @@ way stage 06 gives them to the run's own test cells:
 4. :func:`hpa.cells.combine.rule_confidences` with the run's ``predict`` settings.
 
 No class activation maps and no isolated-cell view are computed: the submitted rule reads
-neither. Every step's wall-clock seconds are returned with the answers (the speed benchmark
-and stage 08's per-field records use them).
+neither. Every step's wall-clock and CPU seconds are returned with the answers (the speed
+benchmark and stage 08's per-field records use them).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from hpa.cells.crops import OUTSIDE, crop_image_cells
 from hpa.cells.table import cell_geometry
 from hpa.constants import NUM_CLASSES
 from hpa.io.fields import resize_field, to_uint8
+from hpa.utils.timing import StepTimer
 
 #: Steps timed by :meth:`FieldPredictor.predict`, in order.
 STEPS = ("geometry", "image_model", "crops", "cell_model", "combine")
@@ -70,14 +71,20 @@ class FieldAnswers:
     ``cells``: one row per cell of the mask (:func:`hpa.cells.table.cell_geometry` columns:
     ``cell_id, x0, y0, x1, y1, area, touches_border, height, width, rel_area``; x1/y1 exclusive);
     ``conf`` float32 (N, 19) in [0, 1]; ``image_probs`` float32 (19,) or None when the rule does
-    not read them; ``cell_probs`` float32 (N, 19) or None; ``seconds`` per step of :data:`STEPS`.
+    not read them; ``cell_probs`` float32 (N, 19) or None; ``timer``: wall-clock and CPU seconds
+    per step of :data:`STEPS` (0 for a step the rule does not need).
     """
 
     cells: pd.DataFrame
     conf: np.ndarray
     image_probs: np.ndarray | None
     cell_probs: np.ndarray | None
-    seconds: dict[str, float] = dc_field(default_factory=dict)
+    timer: StepTimer = dc_field(default_factory=StepTimer)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall-clock seconds per step."""
+        return self.timer.wall
 
 
 class FieldPredictor:
@@ -163,26 +170,21 @@ class FieldPredictor:
         if field.ndim != 3 or field.shape[0] != 4 or field.shape[1:] != mask.shape:
             raise ValueError(f"expected a (4, H, W) field and an (H, W) mask of the same size, got {field.shape} "
                              f"and {mask.shape}")
-        seconds = dict.fromkeys(STEPS, 0.0)
-        t = time.perf_counter()
-        cells = cell_geometry(mask)
-        seconds["geometry"] = time.perf_counter() - t
+        timer = StepTimer(STEPS)
+        with timer.step("geometry"):
+            cells = cell_geometry(mask)
         img = cell = None
         if self.uses_image:
-            t = time.perf_counter()
-            img = self.image_probs(field)
-            seconds["image_model"] = time.perf_counter() - t
+            with timer.step("image_model"):
+                img = self.image_probs(field)
         if self.uses_cells:
-            t = time.perf_counter()
-            crops = self.crops(field, mask, cells)
-            seconds["crops"] = time.perf_counter() - t
-            t = time.perf_counter()
-            cell = self.cell_probs(crops)
-            seconds["cell_model"] = time.perf_counter() - t
-        t = time.perf_counter()
-        n = len(cells)
-        img_rows = None if img is None else np.repeat(img[None], n, 0)
-        conf = rule_confidences(img_rows, cell, cells["rel_area"].to_numpy(), cells["touches_border"].to_numpy(),
-                                self.combine, self.negative, self.penalty)
-        seconds["combine"] = time.perf_counter() - t
-        return FieldAnswers(cells, conf.astype(np.float32), img, cell, seconds)
+            with timer.step("crops"):
+                crops = self.crops(field, mask, cells)
+            with timer.step("cell_model"):
+                cell = self.cell_probs(crops)
+        with timer.step("combine"):
+            n = len(cells)
+            img_rows = None if img is None else np.repeat(img[None], n, 0)
+            conf = rule_confidences(img_rows, cell, cells["rel_area"].to_numpy(), cells["touches_border"].to_numpy(),
+                                    self.combine, self.negative, self.penalty)
+        return FieldAnswers(cells, conf.astype(np.float32), img, cell, timer)

@@ -19,8 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpa.cells.combine import (aligned_cell_probs, cam_confidences, combine, quality_factor, rule_confidences,
-                               view_confidences)
+from hpa.cells.combine import (
+    aligned_cell_probs,
+    cam_confidences,
+    combine,
+    quality_factor,
+    rule_confidences,
+    view_confidences,
+)
 from hpa.cells.table import IMG_COLS, VIEW_COLS
 from hpa.config import PredictSettings, Settings
 from hpa.constants import NUM_CLASSES

@@ -17,8 +17,8 @@ Outputs under ``OUT``:
 
 - ``fields/{ID}.parquet``: one row per cell (``ID, cell_id, x0, y0, x1, y1, area, rel_area,
   touches_border, conf0..conf18, mask``: the competition's mask string) and ``fields/{ID}.json``
-  (size, cell count, seconds per step, image probabilities; or ``status: skipped`` and the
-  reason): written per field, the JSON last, so a re-run (or another shard) skips finished fields;
+  (size, cell count, wall-clock and CPU seconds per step, image probabilities; or ``status:
+  skipped`` and the reason): written per field, the JSON last, so a re-run (or another shard) skips finished fields;
 - ``viewer/{ID}.png`` per field and ``viewer/index.html`` (:mod:`hpa.viewer.page`);
 - ``submission.csv`` (the competition's format, :mod:`hpa.eval.submission`), ``cell_predictions.csv``
   (``ID, cell_id, x0, y0, x1, y1, area, conf0..conf18, top_class, top_class_name, top_confidence``;
@@ -35,7 +35,6 @@ import csv
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +44,10 @@ import pandas as pd
 from hpa.config import Settings
 from hpa.constants import CLASS_NAMES, IMAGE_EXTENSIONS, NUM_CLASSES
 from hpa.io.errors import InputError
-from hpa.io.fields import channel_paths
 from hpa.utils.fs import atomic_path, write_csv, write_json, write_parquet
 from hpa.utils.parallel import map_jobs
 from hpa.utils.shards import select_shard
+from hpa.utils.timing import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,12 @@ def field_record_paths(out: Path, image_id: str) -> tuple[Path, Path]:
     return d / f"{image_id}.parquet", d / f"{image_id}.json"
 
 
-def _skip(image_id: str, folder: Path, out: Path, reason: str, seconds: dict) -> dict:
+def _seconds(timer: StepTimer) -> dict:
+    return {"seconds": {k: round(v, 4) for k, v in timer.wall.items()},
+            "cpu_seconds": {k: round(v, 4) for k, v in timer.cpu.items()}}
+
+
+def _skip(image_id: str, folder: Path, out: Path, reason: str, timer: StepTimer) -> dict:
     from hpa.io.fields import field_size
 
     try:
@@ -191,7 +195,7 @@ def _skip(image_id: str, folder: Path, out: Path, reason: str, seconds: dict) ->
     except InputError:
         h = w = None
     rec = {"ID": image_id, "status": "skipped", "reason": reason, "height": h, "width": w, "n_cells": 0,
-           "seconds": seconds}
+           **_seconds(timer)}
     write_json(field_record_paths(out, image_id)[1], rec)
     return rec
 
@@ -204,36 +208,32 @@ def _field_job(image_id: str) -> dict:
 
     w = _WORKER
     out, folder = Path(w["out"]), Path(w["folder"])
-    seconds = dict.fromkeys(STEPS, 0.0)
-    t = time.perf_counter()
+    timer = StepTimer(STEPS)
     try:
-        field = read_field(folder, image_id)
-        seconds["read"] = time.perf_counter() - t
-        t = time.perf_counter()
-        cells, _ = w["segmenter"].segment(field)
-        seconds["segment"] = time.perf_counter() - t
+        with timer.step("read"):
+            field = read_field(folder, image_id)
+        with timer.step("segment"):
+            cells, _ = w["segmenter"].segment(field)
     except InputError as exc:
         if not w["skip_bad"]:
             raise InputError(f"{exc} (set on_bad_image=skip to leave such fields out)") from None
         log.warning("skipping field %s: %s", image_id, exc)
-        return _skip(image_id, folder, out, str(exc), seconds)
+        return _skip(image_id, folder, out, str(exc), timer)
     ans = w["predictor"].predict(field, cells)
-    seconds.update(ans.seconds)
-    t = time.perf_counter()
-    table = ans.cells[["cell_id", "x0", "y0", "x1", "y1", "area", "rel_area", "touches_border"]].copy()
-    table.insert(0, "ID", image_id)
-    table[CONF_COLS] = ans.conf
-    table["mask"] = cell_mask_strings(cells, table["cell_id"].to_numpy()) if len(table) else []
-    parquet, record = field_record_paths(out, image_id)
-    write_parquet(parquet, table[CELL_COLS])
-    seconds["write"] = time.perf_counter() - t
+    timer.update(ans.timer)
+    with timer.step("write"):
+        table = ans.cells[["cell_id", "x0", "y0", "x1", "y1", "area", "rel_area", "touches_border"]].copy()
+        table.insert(0, "ID", image_id)
+        table[CONF_COLS] = ans.conf
+        table["mask"] = cell_mask_strings(cells, table["cell_id"].to_numpy()) if len(table) else []
+        parquet, record = field_record_paths(out, image_id)
+        write_parquet(parquet, table[CELL_COLS])
     if w["viewer_size"]:
-        t = time.perf_counter()
-        pic = render_field(field, cells, table["cell_id"].to_numpy(), ans.conf, image_id, w["viewer_size"])
-        write_png(out / "viewer" / f"{image_id}.png", pic)
-        seconds["viewer"] = time.perf_counter() - t
+        with timer.step("viewer"):
+            pic = render_field(field, cells, table["cell_id"].to_numpy(), ans.conf, image_id, w["viewer_size"])
+            write_png(out / "viewer" / f"{image_id}.png", pic)
     rec = {"ID": image_id, "status": "ok", "height": int(cells.shape[0]), "width": int(cells.shape[1]),
-           "n_cells": int(len(table)), "seconds": {k: round(v, 4) for k, v in seconds.items()},
+           "n_cells": int(len(table)), **_seconds(timer),
            "image_probs": None if ans.image_probs is None else [float(v) for v in ans.image_probs]}
     write_json(record, rec)  # last: the field is finished
     return rec
