@@ -24,9 +24,9 @@ Outputs under ``OUT``:
   (``ID, cell_id, x0, y0, x1, y1, area, conf0..conf18, top_class, top_class_name, top_confidence``;
   top class = argmax of the 19 confidences) and ``skipped.csv`` (``ID, reason``): written once every
   field is finished, by whichever call (or shard) finishes last;
-- ``settings.json`` (the run, the cycle, the models' checksums, the rule, the segmenter; resuming
-  with others is an error unless ``force``), ``config.yaml`` (the run's settings with the
-  overrides of this call) and ``logs/``.
+- ``settings.json`` (the fields' folder, the run, the cycle, the models' checksums, the rule, the
+  segmenter; resuming with others is an error unless ``force``), ``config.yaml`` (the run's
+  settings with the overrides of this call) and ``logs/``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hpa.cells.combine import needs_cell_probs, needs_image_probs
 from hpa.config import Settings
 from hpa.constants import CLASS_NAMES, IMAGE_EXTENSIONS, NUM_CLASSES
 from hpa.io.errors import InputError
@@ -132,14 +133,13 @@ def image_model_path(run: Path) -> Path:
 
 
 def prediction_signature(run: Path, cfg: Settings, cycle: int, segmenter: str, segmenter_kw: dict,
-                         viewer_size: int) -> dict:
+                         viewer_size: int, folder: Path) -> dict:
     """What the answers depend on (``OUT/settings.json``): resuming with anything else is an error."""
-    from hpa.cells.combine import needs_image_probs
     from hpa.pipeline.cams import file_sha1
 
     p = cfg.predict
     uses_image = needs_image_probs(p.combine, p.negative)
-    return {"run": str(Path(run).resolve()), "cycle": int(cycle),
+    return {"fields": str(Path(folder).resolve()), "run": str(Path(run).resolve()), "cycle": int(cycle),
             "cell_model_sha1": file_sha1(cell_model_path(run, cycle)),
             "image_model_sha1": file_sha1(image_model_path(run)) if uses_image else None,
             "combine": p.combine, "negative": p.negative, "small_cell_penalty": p.small_cell_penalty,
@@ -268,7 +268,7 @@ def predict_new(run: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     device = resolve_device(cfg.device)
     seg_name, seg_kw, reason = segmenter_settings(cfg.segment, device)
     _compare_segmenter(run, seg_name)
-    signature = prediction_signature(run, cfg, k, seg_name, seg_kw, viewer_size)
+    signature = prediction_signature(run, cfg, k, seg_name, seg_kw, viewer_size, fs.folder)
     _check_signature(out / "settings.json", signature, force)
     write_json(out / "settings.json", signature)
     save_config(out, cfg)
@@ -281,17 +281,7 @@ def predict_new(run: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
              "cell model of %s; segmenter %s (%s)", len(mine), fs.folder, fs.source, shard[0], shard[1],
              stats["done_before"], len(todo), k, run, seg_name, reason)
     workers = cfg.num_workers if workers is None else int(workers)
-    from hpa.cells.combine import needs_image_probs
-
-    p = cfg.predict
-    spec = {"out": str(out), "folder": str(fs.folder), "skip_bad": cfg.on_bad_image == "skip",
-            "viewer_size": int(viewer_size), "workers": workers, "segmenter": seg_name, "segmenter_kw": seg_kw,
-            "cell_model": str(cell_model_path(run, k)) if p.combine != "image" else None,
-            "image_model": str(image_model_path(run)) if needs_image_probs(p.combine, p.negative) else None,
-            "predictor": {"combine": p.combine, "negative": p.negative, "small_cell_penalty": p.small_cell_penalty,
-                          "image_tta_flip": cfg.cam.tta_flip, "cell_tta_flip": cfg.cell_model.tta_flip,
-                          "batch_size": cfg.cell_model.predict_batch_size, "amp": cfg.cell_model.amp,
-                          "device": device}}
+    spec = _worker_spec(run, k, cfg, fs.folder, out, workers, viewer_size, seg_name, seg_kw, device)
     try:
         for rec in map_jobs(_field_job, todo, workers, desc="predict fields", initializer=_init_worker,
                             initargs=(spec,), ordered=False, progress=progress):
@@ -307,6 +297,20 @@ def predict_new(run: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     elif stats["computed"] or force or not _outputs_exist(out, viewer_size):
         write_outputs(out, fs.ids, viewer_size > 0, about=_about(run, k, cfg))
     return stats
+
+
+def _worker_spec(run: Path, cycle: int, cfg: Settings, folder: Path, out: Path, workers: int, viewer_size: int,
+                 seg_name: str, seg_kw: dict, device: str) -> dict:
+    """Everything a worker needs to answer fields (:func:`_init_worker`), picklable."""
+    p = cfg.predict
+    return {"out": str(out), "folder": str(folder), "skip_bad": cfg.on_bad_image == "skip",
+            "viewer_size": int(viewer_size), "workers": workers, "segmenter": seg_name, "segmenter_kw": seg_kw,
+            "cell_model": str(cell_model_path(run, cycle)) if needs_cell_probs(p.combine) else None,
+            "image_model": str(image_model_path(run)) if needs_image_probs(p.combine, p.negative) else None,
+            "predictor": {"combine": p.combine, "negative": p.negative, "small_cell_penalty": p.small_cell_penalty,
+                          "image_tta_flip": cfg.cam.tta_flip, "cell_tta_flip": cfg.cell_model.tta_flip,
+                          "batch_size": cfg.cell_model.predict_batch_size, "amp": cfg.cell_model.amp,
+                          "device": device}}
 
 
 def _compare_segmenter(run: Path, name: str) -> None:
