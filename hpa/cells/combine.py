@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from hpa.cells.table import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS, VIEW_COLS
-from hpa.constants import NEGATIVE, PROB_COLS
+from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS
 
 COMBINE = ("product", "mean", "cell", "image")
 NEGATIVE_RULES = ("max", "min_complement", "cell")
@@ -78,6 +78,34 @@ def combine(img_probs: np.ndarray, cell_probs: np.ndarray | None = None, method:
     if quality is not None:
         conf *= np.asarray(quality, np.float32)[:, None]
     return np.clip(conf, 0, 1)
+
+
+def needs_image_probs(method: str, negative: str) -> bool:
+    """Whether :func:`combine` with ``method`` / ``negative`` reads the image probabilities."""
+    return method in ("product", "mean", "image") or negative == "max"
+
+
+def needs_cell_probs(method: str) -> bool:
+    """Whether :func:`combine` with ``method`` reads the cell model's probabilities."""
+    return method != "image"
+
+
+def rule_confidences(img_probs: np.ndarray | None, cell_probs: np.ndarray | None, rel_area: np.ndarray,
+                     touches_border: np.ndarray, method: str, negative: str, penalty: bool) -> np.ndarray:
+    """The submitted confidences (N, 19): :func:`combine` with the quality penalty when ``penalty``.
+
+    What stage 06 submits for a cell model and stage 08 gives new fields, one rule for both.
+    ``img_probs`` (N, 19) may be None when :func:`needs_image_probs` is False, ``cell_probs``
+    (N, 19) when :func:`needs_cell_probs` is False; ``rel_area`` and ``touches_border`` (N,)
+    are the cell table's columns (:func:`hpa.cells.table.cell_geometry`).
+    """
+    n = len(rel_area)
+    if img_probs is None:
+        if needs_image_probs(method, negative):
+            raise ValueError(f"combination {method!r} with negative rule {negative!r} needs image probabilities")
+        img_probs = np.zeros((n, NUM_CLASSES), np.float32)  # never read by combine() for this rule
+    quality = quality_factor(rel_area, touches_border) if penalty else None
+    return combine(img_probs, cell_probs, method, negative, quality)
 
 
 def cam_confidences(table: pd.DataFrame, score: str = "topk_mean", quality: np.ndarray | None = None) -> np.ndarray:

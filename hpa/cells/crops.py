@@ -79,39 +79,71 @@ def crop_cell(field: np.ndarray, mask: np.ndarray, cell_id: int, bbox: tuple[int
     Returns:
         uint8 ``(4, s, s)``; window parts outside the field are 0.
     """
-    if outside not in OUTSIDE:
-        raise ValueError(f"unknown outside mode {outside!r}; valid: {', '.join(OUTSIDE)}")
-    if not 0.0 <= dim_factor <= 1.0:
-        raise ValueError(f"dim_factor must lie in [0, 1], got {dim_factor}")
-    if field.ndim != 3 or field.shape[0] != 4 or field.shape[1:] != mask.shape:
-        raise ValueError(f"expected a (4, H, W) field and an (H, W) mask of the same size, got {field.shape} and {mask.shape}")
+    lut = _outside_lut(outside, dim_factor)
+    _check_pair(field, mask)
     h, w = mask.shape
     wx0, wy0, side = crop_window(*bbox, margin)
     sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx0 + side, w), min(wy0 + side, h)
-    win = np.zeros((4, side, side), np.uint8)
-    inside = np.zeros((side, side), bool)
-    if sx1 > sx0 and sy1 > sy0:
-        dst = (slice(sy0 - wy0, sy1 - wy0), slice(sx0 - wx0, sx1 - wx0))
-        win[(slice(None),) + dst] = to_uint8(field[:, sy0:sy1, sx0:sx1])
-        inside[dst] = mask[sy0:sy1, sx0:sx1] == cell_id
-    if outside == "zero":
-        win[:, ~inside] = 0
-    elif outside == "dim":
-        win[:, ~inside] = np.rint(win[:, ~inside] * float(dim_factor)).astype(np.uint8)
-    if side == crop_size:
-        return win
-    interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
-    out = cv2.resize(np.ascontiguousarray(win.transpose(1, 2, 0)), (crop_size, crop_size), interpolation=interp)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    hwc = np.ascontiguousarray(to_uint8(field[:, sy0:sy1, sx0:sx1]).transpose(1, 2, 0))
+    return _crop_hwc(hwc, mask[sy0:sy1, sx0:sx1], (sx0, sy0), cell_id, bbox, crop_size, margin, lut)
 
 
 def crop_image_cells(field: np.ndarray, mask: np.ndarray, geometry: pd.DataFrame, crop_size: int, margin: float,
                      outside: str, dim_factor: float) -> np.ndarray:
-    """Crops of every row of ``geometry`` (columns cell_id, x0, y0, x1, y1): uint8 ``(n, 4, s, s)``."""
+    """Crops of every row of ``geometry`` (columns cell_id, x0, y0, x1, y1): uint8 ``(n, 4, s, s)``,
+    each equal to :func:`crop_cell`'s (the field is converted to 8-bit, pixel-interleaved form once)."""
+    lut = _outside_lut(outside, dim_factor)
+    _check_pair(field, mask)
     out = np.zeros((len(geometry), 4, crop_size, crop_size), np.uint8)
+    if not len(geometry):
+        return out
+    hwc = np.ascontiguousarray(to_uint8(field).transpose(1, 2, 0))  # (H, W, 4): windows are row slices of it
     for i, (cid, x0, y0, x1, y1) in enumerate(geometry[["cell_id", "x0", "y0", "x1", "y1"]].itertuples(index=False)):
-        out[i] = crop_cell(field, mask, int(cid), (int(x0), int(y0), int(x1), int(y1)), crop_size, margin, outside, dim_factor)
+        out[i] = _crop_hwc(hwc, mask, (0, 0), int(cid), (int(x0), int(y0), int(x1), int(y1)), crop_size, margin, lut)
     return out
+
+
+def _outside_lut(outside: str, dim_factor: float) -> np.ndarray | None:
+    """uint8 (256,) value map of window pixels outside the cell: 0 (``zero``), ``rint(v * dim_factor)``
+    (``dim``), None (``keep``)."""
+    if outside not in OUTSIDE:
+        raise ValueError(f"unknown outside mode {outside!r}; valid: {', '.join(OUTSIDE)}")
+    if not 0.0 <= dim_factor <= 1.0:
+        raise ValueError(f"dim_factor must lie in [0, 1], got {dim_factor}")
+    if outside == "keep":
+        return None
+    factor = 0.0 if outside == "zero" else float(dim_factor)
+    return np.rint(np.arange(256, dtype=np.float64) * factor).astype(np.uint8)
+
+
+def _check_pair(field: np.ndarray, mask: np.ndarray) -> None:
+    if field.ndim != 3 or field.shape[0] != 4 or field.shape[1:] != mask.shape:
+        raise ValueError(f"expected a (4, H, W) field and an (H, W) mask of the same size, got {field.shape} and {mask.shape}")
+
+
+def _crop_hwc(hwc: np.ndarray, mask: np.ndarray, origin: tuple[int, int], cell_id: int, bbox: tuple[int, int, int, int],
+              crop_size: int, margin: float, lut: np.ndarray | None) -> np.ndarray:
+    """One crop from uint8 ``(h, w, 4)`` pixels and their mask ``(h, w)``, which start at field pixel
+    ``origin`` (x, y) and cover at least the part of the cell's window inside the field."""
+    ox, oy = origin
+    wx0, wy0, side = crop_window(*bbox, margin)
+    sx0, sy0 = max(wx0, ox), max(wy0, oy)
+    sx1, sy1 = min(wx0 + side, ox + mask.shape[1]), min(wy0 + side, oy + mask.shape[0])
+    win = np.zeros((side, side, 4), np.uint8)  # parts outside the field stay 0 (lut[0] == 0)
+    if sx1 > sx0 and sy1 > sy0:
+        src = hwc[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox]
+        part = win[sy0 - wy0:sy1 - wy0, sx0 - wx0:sx1 - wx0]
+        if lut is None:
+            part[:] = src
+        else:
+            inside = (mask[sy0 - oy:sy1 - oy, sx0 - ox:sx1 - ox] == cell_id).view(np.uint8)
+            mixed = cv2.LUT(src, lut)  # every pixel as outside the cell, then the cell's own pixels copied back
+            cv2.copyTo(src, inside, mixed)
+            part[:] = mixed
+    if side != crop_size:
+        interp = cv2.INTER_AREA if side > crop_size else cv2.INTER_LINEAR
+        win = cv2.resize(win, (crop_size, crop_size), interpolation=interp)
+    return np.ascontiguousarray(win.transpose(2, 0, 1))
 
 
 # --------------------------------------------------------------------------- cache

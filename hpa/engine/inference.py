@@ -67,3 +67,35 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return torch.from_numpy(np.array(self.arr[i]))
+
+
+@torch.no_grad()
+def field_probs(model: nn.Module, x: torch.Tensor, tile: int | None = None, tta_flip: bool = False) -> np.ndarray:
+    """Image-level sigmoid probabilities of normalised fields, computed as stage 02 computes them.
+
+    The same arithmetic as the logits of :func:`hpa.cam.methods.compute_cams` (whose
+    probabilities stage 06 uses), without any map: the logits of each tile (or of the whole
+    field when it is no larger than ``tile``, or ``tile`` is None) are averaged over the
+    field, its horizontal and its vertical flip when ``tta_flip``; tiled fields then take
+    the mean over tiles of the sigmoid (:func:`hpa.engine.tiling.mean_tile_probs`).
+
+    Args:
+        model: a multi-label model in eval mode on ``x``'s device.
+        x: float32 ``(B, C, S, S)`` normalised fields (:func:`hpa.engine.amp.prepare_batch`).
+        tile: the model's training crop (``meta["tile"]``); tta_flip: setting ``cam.tta_flip``.
+    Returns:
+        float32 ``(B, K)`` in [0, 1].
+    """
+    from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles
+
+    tiled = needs_tiles(x, tile)
+    xin = make_tiles(x, int(tile))[0] if tiled else x
+    views = (lambda t: t, lambda t: t.flip(-1), lambda t: t.flip(-2)) if tta_flip else (lambda t: t,)
+    was = model.training
+    model.eval()
+    try:
+        logits = sum(model(view(xin)).float() for view in views) / float(len(views))
+    finally:
+        model.train(was)
+    p = mean_tile_probs(logits, x.shape[0]) if tiled else torch.sigmoid(logits)
+    return p.cpu().numpy().astype(np.float32)

@@ -97,7 +97,7 @@ def instance_counts(label_img: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]
     lab = _check_label_image(label_img)
     h, w = lab.shape
     n = h * w
-    flat = lab.ravel(order="F")
+    flat = _fortran_ravel(lab)
     if flat.min() < 0:
         raise ValueError(f"instance ids must be >= 0, got {flat.min()}")
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -120,6 +120,15 @@ def instance_counts(label_img: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]
         tail = n - int(e[f + k - 1])
         counts.append(np.append(c, tail) if tail else c)
     return ids.astype(np.int64), counts
+
+
+def _fortran_ravel(lab: np.ndarray) -> np.ndarray:
+    """``lab.ravel(order="F")``; OpenCV's transpose for 8/16/32-bit labels (about 4x faster than numpy's)."""
+    if lab.dtype in (np.uint8, np.uint16, np.int16, np.int32) and lab.flags.c_contiguous:
+        import cv2
+
+        return cv2.transpose(lab).ravel()
+    return lab.ravel(order="F")
 
 
 def counts_to_rles(counts: Sequence[np.ndarray], height: int, width: int) -> list[dict]:

@@ -76,20 +76,39 @@ def prediction_string(mask: np.ndarray, cell_ids: np.ndarray | None, conf: np.nd
     ok = np.isfinite(conf) & (conf >= 0)
     if not ok.any():
         return ""
-    strings = encode_instances(mask) if mask.any() else {}
+    return format_predictions(cell_mask_strings(mask, cell_ids), conf)
+
+
+def cell_mask_strings(mask: np.ndarray, cell_ids: np.ndarray) -> list[str]:
+    """The mask string of each id of ``cell_ids`` in the instance mask ``mask`` (H, W); an id absent
+    from ``mask`` gets the string of an empty mask (it can never match a true cell)."""
+    strings = encode_instances(mask) if np.any(mask) else {}
     empty = None
-    parts = []
-    for k, cid in enumerate(cell_ids.tolist()):
-        classes = np.flatnonzero(ok[k])
-        if not classes.size:
-            continue
+    out = []
+    for cid in np.asarray(cell_ids).tolist():
         s = strings.get(cid)
         if s is None:
             if empty is None:
-                empty = encode_mask(np.zeros(mask.shape, bool))
+                empty = encode_mask(np.zeros(np.shape(mask), bool))
             s = empty
+        out.append(s)
+    return out
+
+
+def format_predictions(mask_strings: list[str], conf: np.ndarray) -> str:
+    """A ``PredictionString`` from each cell's mask string and its confidences ``conf`` (K, 19).
+
+    Triples in cell order, then class order; NaN or a negative confidence is left out. The
+    confidence is written as ``str`` of the array's float: the shortest form that reads back exactly.
+    """
+    conf = np.asarray(conf)
+    if len(mask_strings) != len(conf):
+        raise ValueError(f"{len(mask_strings)} mask strings for {len(conf)} rows of confidences")
+    ok = np.isfinite(conf) & (conf >= 0)
+    parts = []
+    for k, s in enumerate(mask_strings):
         row = conf[k]
-        for c in classes.tolist():
+        for c in np.flatnonzero(ok[k]).tolist():
             parts.append(f"{c} {str(row[c])} {s}")  # str of a numpy float: shortest exact form
     return " ".join(parts)
 
@@ -123,21 +142,31 @@ def write_submission(path: str | os.PathLike, predictions: PredictionsLike) -> P
     Returns:
         The path written.
     """
+    def rows():
+        for image_id, mask, cell_ids, conf in _iter_predictions(predictions):
+            h, w = np.shape(mask)
+            yield image_id, w, h, prediction_string(mask, cell_ids, conf, str(image_id))
+
+    return write_submission_rows(path, rows())
+
+
+def write_submission_rows(path: str | os.PathLike, rows: Iterable[tuple[str, int, int, str]]) -> Path:
+    """Write ``submission.csv`` atomically from finished rows ``(image_id, width, height, prediction_string)``
+    (streamed; e.g. strings made earlier by :func:`format_predictions`). IDs are checked as in
+    :func:`write_submission`."""
     path = Path(path)
     seen: set[str] = set()
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         f.write(",".join(COLUMNS) + "\n")
         n = 0
-        for image_id, mask, cell_ids, conf in _iter_predictions(predictions):
+        for image_id, w, h, ps in rows:
             image_id = str(image_id)
             if not image_id or any(ch in image_id for ch in ',"\n\r '):
                 raise ValueError(f"image ID {image_id!r} is empty or contains a comma, quote or space")
             if image_id in seen:
                 raise ValueError(f"image ID {image_id!r} given twice")
             seen.add(image_id)
-            ps = prediction_string(mask, cell_ids, conf, image_id)
-            h, w = np.shape(mask)
-            f.write(f"{image_id},{w},{h},{ps}\n")
+            f.write(f"{image_id},{int(w)},{int(h)},{ps}\n")
             n += 1
     log.info("wrote %s (%d images)", path, n)
     return path

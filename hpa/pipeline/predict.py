@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpa.cells.combine import aligned_cell_probs, cam_confidences, combine, quality_factor, view_confidences
+from hpa.cells.combine import (
+    aligned_cell_probs,
+    cam_confidences,
+    combine,
+    quality_factor,
+    rule_confidences,
+    view_confidences,
+)
 from hpa.cells.table import IMG_COLS, VIEW_COLS
 from hpa.config import PredictSettings, Settings
 from hpa.constants import NUM_CLASSES
@@ -62,7 +69,8 @@ def method_confidences(run: Path, table: pd.DataFrame, method: str, p: PredictSe
     if not path.is_file():
         return None
     cell = aligned_cell_probs(table, pd.read_parquet(path), str(path))
-    return combine(img, cell, combine_method or p.combine, negative or p.negative, quality)
+    return rule_confidences(img, cell, table["rel_area"], table["touches_border"], combine_method or p.combine,
+                            negative or p.negative, penalty)
 
 
 def final_method(run: Path, p: PredictSettings) -> str:

@@ -40,3 +40,32 @@ def read_timings(run: str | Path) -> dict[str, float]:
         except (ValueError, KeyError, OSError):
             continue
     return out
+
+
+class StepTimer:
+    """Wall-clock and CPU seconds of named steps: ``with timer.step("read"): ...``.
+
+    ``wall`` and ``cpu`` map each step name to its seconds (summed over repeated steps;
+    steps given to the constructor start at 0). CPU time is the process's
+    (:func:`time.process_time`: every thread, no child process); on a machine shared with
+    other jobs it tells what a step costs when its wall clock includes waiting for a core.
+    """
+
+    def __init__(self, steps=()):
+        self.wall = dict.fromkeys(steps, 0.0)
+        self.cpu = dict.fromkeys(steps, 0.0)
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def update(self, other: "StepTimer") -> None:
+        """Add another timer's steps to this one's."""
+        for name in other.wall:
+            self.wall[name] = self.wall.get(name, 0.0) + other.wall[name]
+            self.cpu[name] = self.cpu.get(name, 0.0) + other.cpu[name]

@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 
 from hpa.eval.rle import encode_mask
-from hpa.eval.submission import SubmissionError, prediction_string, read_submission, write_submission
+from hpa.eval.submission import (
+    SubmissionError,
+    cell_mask_strings,
+    format_predictions,
+    prediction_string,
+    read_submission,
+    write_submission,
+    write_submission_rows,
+)
 
 
 def two_cells(h=6, w=9):
@@ -56,6 +64,24 @@ def test_cell_ids_default_and_absent_cell():
         prediction_string(m, [4], np.zeros((1, 18)))
     with pytest.raises(ValueError, match="cell_ids"):
         prediction_string(m, [4, 9, 10], conf)
+
+
+def test_rows_from_finished_strings_equal_the_writer(tmp_path):
+    """Stage 08 stores each cell's mask string and writes the rows later: the same bytes as write_submission."""
+    m = two_cells()
+    conf = np.full((2, 19), 0.25, np.float32)
+    conf[1, 2] = np.nan
+    strings = cell_mask_strings(m, np.array([4, 9, 5]))
+    assert strings[:2] == [encode_mask(m == 4), encode_mask(m == 9)] and strings[2] == encode_mask(np.zeros((6, 9), bool))
+    assert format_predictions(strings[:2], conf) == prediction_string(m, [4, 9], conf)
+    a = write_submission(tmp_path / "a.csv", {"x": (m, [4, 9], conf), "y": (np.zeros((3, 4), np.int32), None,
+                                                                            np.zeros((0, 19)))})
+    b = write_submission_rows(tmp_path / "b.csv", [("x", 9, 6, format_predictions(strings[:2], conf)), ("y", 4, 3, "")])
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match="1 mask strings for 2 rows"):
+        format_predictions(strings[:1], conf)
+    with pytest.raises(ValueError, match="given twice"):
+        write_submission_rows(tmp_path / "c.csv", [("x", 1, 1, ""), ("x", 1, 1, "")])
 
 
 def test_atomic_write_leaves_no_file_on_error(tmp_path):
