@@ -16,7 +16,7 @@ a complete set of shard tables itself, or from --merge N:
 import argparse
 from pathlib import Path
 
-from hpa.config import add_common_args, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.pipeline.cli import run_stage
 from hpa.pipeline.pseudo_labels import build_cell_table_shard, make_pseudo_labels, merge_cell_tables
 from hpa.utils.shards import parse_shard
@@ -46,7 +46,8 @@ def run(args):
     if shard[1] > 1:
         with stage_timer(args.run, f"04_cell_table_train_shard{shard[0]}of{shard[1]}"):
             path = build_cell_table_shard(args.run, cfg.data, "train", shard, p.topk_frac, p.work_size,
-                                          force=args.force, view=p.cell_view)
+                                          force=args.force, view=p.cell_view, device=resolve_device(cfg.device),
+                                          amp=cfg.image_model.amp)
         print(f"cell table shard: {path}")
         return
     out = Path(args.run) / f"cycle{args.cycle}" / "pseudo_labels.parquet"
@@ -56,7 +57,8 @@ def run(args):
     with stage_timer(args.run, f"04_pseudo_label_cycle{args.cycle}"):
         if args.merge:
             merge_cell_tables(args.run, cfg.data, "train", args.merge)
-        make_pseudo_labels(args.run, cfg.data, args.cycle, p, force=args.force and not args.merge)
+        make_pseudo_labels(args.run, cfg.data, args.cycle, p, force=args.force and not args.merge,
+                           device=resolve_device(cfg.device), amp=cfg.image_model.amp)
 
 
 if __name__ == "__main__":

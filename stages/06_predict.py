@@ -16,7 +16,7 @@ and the submission:
 
 import argparse
 
-from hpa.config import add_common_args, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.pipeline.cli import run_stage
 from hpa.pipeline.predict import predict_test
 from hpa.pipeline.pseudo_labels import build_cell_table_shard, merge_cell_tables
@@ -45,13 +45,14 @@ def run(args):
     if shard[1] > 1:
         with stage_timer(args.run, f"06_cell_table_test_shard{shard[0]}of{shard[1]}"):
             path = build_cell_table_shard(args.run, cfg.data, "test", shard, p.topk_frac, p.work_size,
-                                          force=args.force, view=p.cell_view)
+                                          force=args.force, view=p.cell_view, device=resolve_device(cfg.device),
+                                          amp=cfg.image_model.amp)
         print(f"cell table shard: {path}")
         return
     with stage_timer(args.run, "06_predict"):
         if args.merge:
             merge_cell_tables(args.run, cfg.data, "test", args.merge)
-        _, sub = predict_test(args.run, cfg, force=args.force and not args.merge)
+        _, sub = predict_test(args.run, cfg, force=args.force and not args.merge, device=resolve_device(cfg.device))
     print(f"submission: {sub}")
 
 
