@@ -33,8 +33,9 @@ if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
     "$PY" -m hpa.synth "$DATA" "${SYNTH[@]}" --seed 0 --workers 2
 fi
 
+# the train split is segmented first: stage 01 sizes its field cache from these cells (image_model.cell_px)
+"$PY" stages/03_segment.py --data "$DATA" --run "$RUN" --profile "$PROFILE" --split train
 "$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE"
-"$PY" stages/03_segment.py --run "$RUN" --split train
 "$PY" stages/03_segment.py --run "$RUN" --split test
 "$PY" stages/02_cam.py --run "$RUN" --split train
 "$PY" stages/02_cam.py --run "$RUN" --split test

@@ -31,7 +31,7 @@ import torch
 from hpa.data.augment import BatchAugment
 from hpa.data.cache import FieldDataset, build_field_cache
 from hpa.engine.amp import amp_dtype, prepare_batch
-from hpa.io.fields import read_field, resize_field, to_uint8
+from hpa.io.fields import field_to_uint8, read_field
 from hpa.models.factory import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ class PngDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        f = to_uint8(resize_field(read_field(self.folder, self.ids[i]), self.size))
+        f = field_to_uint8(read_field(self.folder, self.ids[i]), self.size)
         return torch.from_numpy(f), torch.zeros(19)
 
 

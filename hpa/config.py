@@ -166,10 +166,20 @@ class ImageModelSettings(Section):
 
     arch: str = setting("efficientnet-b0", "backbone by name (hpa.models.factory.available_models())", choices=_models)
     pretrained: Optional[str] = setting(None, "local path to an ImageNet state dict (3-channel); never downloaded")
-    image_size: int = setting(128, "fields are resized to this square size (cached as uint8); validation and CAMs use it",
+    image_size: int = setting(128, "side of the square field cache (uint8; validation, CAMs and the cell view use it) "
+                                   "for fields whose median cell spans cell_px / image_size of the field side; with "
+                                   "cell_px null, every field is resized to it (docs/training.md, scaling from cells)",
                               ge=32)
-    train_crop: Optional[int] = setting(64, "training crops of this side in pixels, cut from the cached fields "
-                                            "(null: whole fields)", ge=16)
+    cell_px: Optional[float] = setting(28.0, "target cell diameter in network pixels (equivalent-area diameter of the "
+                                             "median cell): the cache side is field side x cell_px / cell diameter "
+                                             "(cell_diameter, or measured), to a multiple of 32 within "
+                                             "image_size_range; train_crop scales with it. null: image_size for "
+                                             "every data set", ge=4)
+    image_size_range: list[int] = setting([64, 1024], "[min, max] of the cache side resolved from the cells (the max "
+                                                      "also bounds the cache's disk use)", length=2, ge=32)
+    train_crop: Optional[int] = setting(64, "training crops of this side in pixels of an image_size cache, cut from the "
+                                            "cached fields; scaled by cache side / image_size, so a crop keeps its "
+                                            "fraction of the field (null: whole fields)", ge=16)
     output_stride: int = setting(16, "16: CAMs twice as fine as the published stride 32 (same weights)",
                                  choices=(8, 16, 32))
     epochs: int = setting(56, "training epochs", ge=1)
@@ -368,6 +378,10 @@ class Settings(Section):
 
     seed: int = setting(0, "one seed for splits, augmentation, initialisation and sampling", ge=0)
     data: Optional[str] = setting(None, "data folder in the Kaggle layout (train.csv, train/, test/, optional gt/)")
+    cell_diameter: Optional[float] = setting(None, "typical cell diameter in the fields' own pixels (equivalent-area "
+                                                   "diameter of the median cell; HPA 2048-px fields: about 300-450); "
+                                                   "null: measured from stage 03's train masks when they exist, else "
+                                                   "by the classical segmenter on a sample of training fields", gt=0)
     profile: str = setting("default", "the profile this tree was built from (informational)")
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     num_workers: int = setting(2, "process-pool workers for per-image work", ge=0)
@@ -384,6 +398,9 @@ class Settings(Section):
     def __post_init__(self):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"setting 'device': unknown value {self.device!r}; valid: auto, cpu, cuda, cuda:N")
+        lo, hi = self.image_model.image_size_range
+        if lo > hi:
+            raise ConfigError(f"setting 'image_model.image_size_range' must be [min, max] with min <= max, got {[lo, hi]}")
         if self.image_model.val_fold >= self.image_model.folds:
             raise ConfigError(f"setting 'image_model.val_fold' must be < image_model.folds ({self.image_model.folds}), "
                               f"got {self.image_model.val_fold}")
@@ -406,12 +423,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {  # real HPA scale on a GPU
         "num_workers": 8,
         # long runs on thousands of fields: EfficientNet's own regularisation (dropout, stochastic depth)
-        "image_model": {"arch": "efficientnet-b3", "image_size": 768, "loader_workers": 8, "dropout": 0.2,
+        # cells at 80 px (HPA 2048-px fields: a cache of about 480 px, at most 512: 22.9 GB for 21,806 fields);
+        # crops of 128 px (28.6 GB for 20 cells per field): both caches within 60 GB (README)
+        "image_model": {"arch": "efficientnet-b3", "image_size": 512, "cell_px": 80.0, "image_size_range": [128, 512],
+                        "loader_workers": 8, "dropout": 0.2,
                         "drop_connect": 0.2, "train_crop": None, "aug_crop_scale": [0.6, 1.0],
                         "epochs": 20, "samples_per_epoch": None, "batch_size": 16, "lr": 5e-4, "val_every": 1},
         "cam": {"batch_size": 8},
         "segment": {"classical": {"work_size": 1024}},
-        "cell_model": {"crop_size": 256, "epochs": 10, "batch_size": 64, "lr": 5e-4, "samples_per_epoch": None,
+        "cell_model": {"crop_size": 128, "epochs": 10, "batch_size": 64, "lr": 5e-4, "samples_per_epoch": None,
                        "loader_workers": 4, "tta_flip": True},
         "predict": {"combine": "product"},  # what the top HPA teams found best with their strong image models
     },

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Stage 01: train the image-level multi-label classifier (4-channel EfficientNet by default).
 
-Reads DATA/train.csv and DATA/train/{ID}_{red,green,blue,yellow}.*; writes RUN/config.yaml,
-RUN/splits.csv (ID,fold), RUN/cache/train_{S}.npy (fields resized to S px, uint8, reused by
-later stages), and RUN/image_model/: model.pt (weights + arch, classes, mean/std, input size),
-last.pt (resumable checkpoint), metrics.csv, val_predictions.csv, thresholds.json, curves.png.
+Reads DATA/train.csv and DATA/train/{ID}_{red,green,blue,yellow}.* (and RUN/masks/train/cells.csv
+when stage 03 ran first, for the cells' size); writes RUN/config.yaml, RUN/splits.csv (ID,fold),
+RUN/image_model/scale.json (the cache side S from the cells' size: image_model.cell_px),
+RUN/cache/train_{S}.npy (fields resized to S px, uint8, reused by later stages), and RUN/image_model/:
+model.pt (weights + arch, classes, mean/std, input size), last.pt (resumable checkpoint), metrics.csv,
+val_predictions.csv, thresholds.json, curves.png.
 
 Re-running the same command resumes an interrupted training at the next epoch; a finished
 one is skipped unless --force. Multi-GPU / multi-process (the "--" keeps torchrun from
@@ -41,7 +43,8 @@ def run(args):
     with stage_timer(args.run, "01_train_image") if is_main_process() else nullcontext():
         history = train_image_model(args.run, cfg.data, cfg.image_model, seed=cfg.seed, device=device,
                                     num_workers=cfg.num_workers, on_bad_image=cfg.on_bad_image,
-                                    force=args.force, progress=not args.no_progress)
+                                    force=args.force, progress=not args.no_progress,
+                                    cell_diameter=cfg.cell_diameter, classical=cfg.segment.classical)
     if is_main_process() and history:
         last = history[-1]
         print(f"image model: {len(history)} epochs, val mAP {last.get('mAP', float('nan')):.4f}, "

@@ -16,7 +16,7 @@ a complete set of shard tables itself, or from --merge N:
 import argparse
 from pathlib import Path
 
-from hpa.config import add_common_args, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.pipeline.cli import run_stage
 from hpa.pipeline.pseudo_labels import cell_table_shard_stage, make_pseudo_labels, merge_cell_tables
 from hpa.utils.shards import parse_shard
@@ -52,7 +52,8 @@ def run(args):
     with stage_timer(args.run, f"04_pseudo_label_cycle{args.cycle}"):
         if args.merge:
             merge_cell_tables(args.run, cfg.data, "train", args.merge)
-        make_pseudo_labels(args.run, cfg.data, args.cycle, cfg.pseudo, force=args.force and not args.merge)
+        make_pseudo_labels(args.run, cfg.data, args.cycle, cfg.pseudo, force=args.force and not args.merge,
+                           device=resolve_device(cfg.device), amp=cfg.image_model.amp)
 
 
 if __name__ == "__main__":

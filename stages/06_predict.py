@@ -16,7 +16,7 @@ and the submission:
 
 import argparse
 
-from hpa.config import add_common_args, setup_run
+from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.pipeline.cli import run_stage
 from hpa.pipeline.predict import predict_test
 from hpa.pipeline.pseudo_labels import cell_table_shard_stage, merge_cell_tables
@@ -47,7 +47,7 @@ def run(args):
     with stage_timer(args.run, "06_predict"):
         if args.merge:
             merge_cell_tables(args.run, cfg.data, "test", args.merge)
-        _, sub = predict_test(args.run, cfg, force=args.force and not args.merge)
+        _, sub = predict_test(args.run, cfg, force=args.force and not args.merge, device=resolve_device(cfg.device))
     print(f"submission: {sub}")
 
 

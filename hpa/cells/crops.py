@@ -6,8 +6,12 @@ with the part of the window that lies outside the field filled with zeros (never
 shifted, so the cell stays centred). Pixels of the window that do not belong to the
 cell are kept, dimmed (x ``dim_factor``) or zeroed (``outside``), then the window is
 resized to ``crop_size`` (area interpolation when shrinking, bilinear when enlarging)
-and stored as uint8 ``(4, s, s)`` (16-bit fields are reduced to 8 bit by
-:func:`hpa.io.fields.to_uint8`, as the image cache does).
+and stored as uint8 ``(4, s, s)`` (16-bit fields are reduced to 8 bit by the whole field's own
+range, :func:`hpa.io.fields.field_scale`, as the image cache does).
+
+The crop is cut around the cell's own bounding box, so its size is already relative to the
+cell: a cell fills about ``crop_size / (1 + 2 * margin)`` pixels of its crop whether the field
+is 256 px with 60-px cells or 2048 px with 350-px cells.
 
 The cache of a split is two files under ``out_dir``:
 
@@ -38,13 +42,15 @@ import numpy as np
 import pandas as pd
 
 from hpa.cells.table import cell_geometry
-from hpa.io.fields import read_field, read_mask, to_uint8
-from hpa.utils.fs import new_memmap, write_json, write_parquet
+from hpa.io.fields import field_scale, read_field, read_mask, to_uint8
+from hpa.utils.fs import check_space, gb, new_memmap, write_json, write_parquet
 from hpa.utils.parallel import map_jobs
 
 log = logging.getLogger(__name__)
 
 OUTSIDE = ("zero", "dim", "keep")
+#: Bumped whenever the bytes of a crop would change (2: 16-bit fields scaled by their own range).
+CROP_VERSION = 2
 INDEX_COLS = ["ID", "cell_id", "row", "area", "x0", "y0", "x1", "y1", "touches_border"]
 
 
@@ -69,7 +75,9 @@ def crop_cell(field: np.ndarray, mask: np.ndarray, cell_id: int, bbox: tuple[int
     """Crop one cell from a full-resolution field.
 
     Args:
-        field: uint8 or uint16 ``(4, H, W)`` (red, green, blue, yellow).
+        field: uint8 or uint16 ``(4, H, W)`` (red, green, blue, yellow); a uint16 field is reduced
+            to 8 bit by its whole range (:func:`hpa.io.fields.field_scale`, computed here: pass
+            ``to_uint8(field)`` when cropping many cells of one field).
         mask: integer ``(H, W)`` instance mask; the cell's pixels equal ``cell_id``.
         bbox: ``(x0, y0, x1, y1)`` of the cell in field pixels, x1/y1 exclusive.
         crop_size: side ``s`` of the output in pixels.
@@ -84,7 +92,7 @@ def crop_cell(field: np.ndarray, mask: np.ndarray, cell_id: int, bbox: tuple[int
     h, w = mask.shape
     wx0, wy0, side = crop_window(*bbox, margin)
     sx0, sy0, sx1, sy1 = max(wx0, 0), max(wy0, 0), min(wx0 + side, w), min(wy0 + side, h)
-    hwc = np.ascontiguousarray(to_uint8(field[:, sy0:sy1, sx0:sx1]).transpose(1, 2, 0))
+    hwc = np.ascontiguousarray(to_uint8(field[:, sy0:sy1, sx0:sx1], field_scale(field)).transpose(1, 2, 0))
     return _crop_hwc(hwc, mask[sy0:sy1, sx0:sx1], (sx0, sy0), cell_id, bbox, crop_size, margin, lut)
 
 
@@ -97,7 +105,7 @@ def crop_image_cells(field: np.ndarray, mask: np.ndarray, geometry: pd.DataFrame
     out = np.zeros((len(geometry), 4, crop_size, crop_size), np.uint8)
     if not len(geometry):
         return out
-    hwc = np.ascontiguousarray(to_uint8(field).transpose(1, 2, 0))  # (H, W, 4): windows are row slices of it
+    hwc = np.ascontiguousarray(to_uint8(field).transpose(1, 2, 0))  # once, by the whole field's range; windows are row slices
     for i, (cid, x0, y0, x1, y1) in enumerate(geometry[["cell_id", "x0", "y0", "x1", "y1"]].itertuples(index=False)):
         out[i] = _crop_hwc(hwc, mask, (0, 0), int(cid), (int(x0), int(y0), int(x1), int(y1)), crop_size, margin, lut)
     return out
@@ -185,7 +193,7 @@ def _crop_job(args) -> str:
 
 def _settings(ids: list[str], crop_size: int, margin: float, outside: str, dim_factor: float) -> dict:
     digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()
-    return {"crop_size": int(crop_size), "margin": float(margin), "outside": outside,
+    return {"version": CROP_VERSION, "crop_size": int(crop_size), "margin": float(margin), "outside": outside,
             "dim_factor": float(dim_factor) if outside == "dim" else None, "n_images": len(ids), "ids_sha1": digest}
 
 
@@ -268,6 +276,11 @@ def build_crop_cache(data_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
         index = index[INDEX_COLS].astype({"ID": str, "cell_id": "int64", "row": "int64", "area": "int64", "x0": "int64",
                                           "y0": "int64", "x1": "int64", "y1": "int64", "touches_border": bool})
         out_dir.mkdir(parents=True, exist_ok=True)
+        need = len(index) * 4 * crop_size * crop_size + 128
+        log.info("crop cache %s: %d cells of %d images x 4 channels x %d x %d px = %s on disk", p["npy"], len(index),
+                 len(ids), crop_size, crop_size, gb(need))
+        check_space(out_dir, need, f"{len(index):,} cells of {len(ids):,} images at {crop_size} px",
+                    "free some space, put the run on a larger disk (--run), or lower cell_model.crop_size")
         mm = new_memmap(p["tmp_npy"], (len(index), 4, crop_size, crop_size))  # space reserved: a full disk fails here
         del mm
         write_parquet(p["tmp_index"], index)

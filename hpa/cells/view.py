@@ -24,6 +24,7 @@ import torch
 from scipy import ndimage
 
 from hpa.constants import NUM_CLASSES
+from hpa.engine.amp import amp_dtype, autocast
 
 
 def mask_at(mask: np.ndarray, size: int) -> np.ndarray:
@@ -86,7 +87,7 @@ def cell_windows(field: np.ndarray, mask: np.ndarray, n_cells: int) -> tuple[np.
 
 @torch.no_grad()
 def isolated_cell_probs(model: torch.nn.Module, field: np.ndarray, mask: np.ndarray, mean=None, std=None,
-                        batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+                        batch_size: int = 64, device: str = "cpu", amp: str = "off") -> np.ndarray:
     """Sigmoid probabilities float32 (N, 19) of the image model for each cell alone.
 
     Args:
@@ -95,6 +96,8 @@ def isolated_cell_probs(model: torch.nn.Module, field: np.ndarray, mask: np.ndar
             stage-01 field cache).
         mask: int (H, W) full-resolution instance mask, cells 1..N.
         mean, std: the checkpoint's per-channel normalisation (sequences of 4) or None.
+        device: where ``model`` is (the windows are sent there). amp: mixed precision
+            (:func:`hpa.engine.amp.amp_dtype`: ``auto`` is bf16 or fp16 on a GPU, off on the CPU).
     Returns:
         (N, 19) with N = ``mask.max()``; rows of cell ids absent from the mask are NaN.
     """
@@ -106,12 +109,15 @@ def isolated_cell_probs(model: torch.nn.Module, field: np.ndarray, mask: np.ndar
     idx = np.flatnonzero(present)
     m = None if mean is None else torch.as_tensor(np.asarray(mean, np.float32)).view(1, -1, 1, 1).to(device)
     sd = None if std is None else torch.as_tensor(np.asarray(std, np.float32)).view(1, -1, 1, 1).to(device)
+    dtype = amp_dtype(amp, device)
     for i in range(0, len(idx), batch_size):
         rows = idx[i:i + batch_size]
         x = torch.from_numpy(windows[rows]).to(device)
         if m is not None:
             x = (x - m) / sd
-        out[rows] = torch.sigmoid(model(x).float()).cpu().numpy()
+        with autocast(device, dtype):
+            logits = model(x)
+        out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
     return out
 
 
@@ -120,10 +126,12 @@ class CellViewer:
 
     Fields come from the split's stage-01/02 field cache (``RUN/cache/{split}_{S}.npy``) when
     it holds the image, else they are decoded and resized the same way
-    (:func:`hpa.data.cache.build_field_cache`'s reader), so sharded and partial runs agree.
+    (:func:`hpa.data.cache.build_field_cache`'s reader), so sharded and partial runs agree. The model
+    runs on ``device`` (the run's: a GPU when there is one) with mixed precision ``amp``
+    (``image_model.amp``; ``auto``: bf16, or fp16 on GPUs without bf16, off on the CPU).
     """
 
-    def __init__(self, run, data_dir, split: str, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, run, data_dir, split: str, device: str = "cpu", batch_size: int = 64, amp: str = "auto"):
         import json
         from pathlib import Path
 
@@ -133,7 +141,7 @@ class CellViewer:
         self.model, self.meta = load_model(Path(run) / "image_model" / "model.pt", device)
         self.size = int(self.meta["image_size"])
         self.folder = Path(data_dir) / split
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.amp = device, batch_size, amp
         self.cache, self.row_of = None, {}
         path = cache_path(run, split, self.size)
         side = path.with_suffix(".json")
@@ -146,13 +154,13 @@ class CellViewer:
     def field(self, image_id: str) -> np.ndarray:
         """uint8 (4, S, S) field at the model's input size."""
         from hpa.data.cache import read_cache_rows
-        from hpa.io.fields import read_field, resize_field, to_uint8
+        from hpa.io.fields import field_to_uint8, read_field
 
         r = self.row_of.get(image_id)
         if r is not None and self.cache is not None:
             return read_cache_rows(self.cache, [r])[0]  # not through the map: RSS stays flat over a split
-        return to_uint8(resize_field(read_field(self.folder, image_id), self.size))
+        return field_to_uint8(read_field(self.folder, image_id), self.size)
 
     def __call__(self, image_id: str, cell_mask: np.ndarray) -> np.ndarray:
         return isolated_cell_probs(self.model, self.field(image_id), cell_mask, self.meta.get("mean"),
-                                   self.meta.get("std"), self.batch_size, self.device)
+                                   self.meta.get("std"), self.batch_size, self.device, self.amp)

@@ -24,14 +24,14 @@ import torch
 
 from hpa.constants import NUM_CLASSES
 from hpa.io.errors import InputError
-from hpa.io.fields import read_field, resize_field, to_uint8
-from hpa.utils.fs import atomic_path, new_memmap, write_json
+from hpa.io.fields import field_to_uint8, read_field
+from hpa.utils.fs import atomic_path, check_space, gb, new_memmap, write_json
 from hpa.utils.parallel import map_jobs
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the bytes a cache row holds for a given field would change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit fields scaled by their own range, not their high byte
 
 
 # --------------------------------------------------------------------------- cache
@@ -51,7 +51,7 @@ def _load_field(args) -> tuple[int, np.ndarray | None, str | None]:
         field = read_field(folder, image_id)
     except InputError as exc:
         return i, None, str(exc)
-    return i, to_uint8(resize_field(field, size)), None
+    return i, field_to_uint8(field, size), None
 
 
 def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str], size: int,
@@ -64,13 +64,15 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
         split: ``train`` or ``test`` (the sub-folder, recorded in the sidecar).
         ids: image IDs; row ``i`` of the cache is ``ids[i]``.
         size: side ``S`` in pixels; fields are resized to ``S x S`` (area interpolation when
-            shrinking; non-square fields are squashed) and converted to uint8 by bit depth
-            (16-bit: the high byte).
+            shrinking; non-square fields are squashed) and converted to uint8
+            (:func:`hpa.io.fields.field_to_uint8`: 8-bit as it is, 16-bit by the field's own range).
         out_path: the ``.npy`` to create, e.g. :func:`cache_path`; a sidecar ``.json`` goes beside it.
         workers: decoding processes (0: in this process).
         on_bad_image: ``error``: an unreadable field stops the build with its file name;
             ``skip``: its row stays zero and its ID is listed in the sidecar's ``bad_ids``
             (see :func:`cache_bad_ids`).
+    Before a new cache is filled its size is logged, and a disk without room for it stops the build
+    (:class:`hpa.utils.fs.NotEnoughSpace`, naming the folder, the size and what is free).
         flush_every: rows between progress saves of an interrupted build.
         progress: show a tqdm bar while decoding.
     Returns:
@@ -114,6 +116,12 @@ def build_field_cache(data_dir: str | os.PathLike, split: str, ids: Sequence[str
             if arr.shape != shape or done.shape != (len(ids),):
                 done = None
     if done is None:
+        need = int(np.prod(shape)) + 128  # uint8 rows + the .npy header
+        log.info("field cache %s: %d fields x 4 channels x %d x %d px = %s on disk", out_path, len(ids), size, size,
+                 gb(need))
+        check_space(partial.parent, need, f"{len(ids):,} fields at {size} px",
+                    "free some space, put the run on a larger disk (--run), or lower image_model.cell_px or the "
+                    "maximum of image_model.image_size_range")
         arr = new_memmap(partial, shape)  # disk space reserved: a full disk fails here, naming the file
         done = np.zeros(len(ids), bool)
         write_json(partial.with_suffix(".json"), meta)

@@ -139,29 +139,94 @@ def field_size(folder: str | os.PathLike, image_id: str) -> tuple[int, int]:
                      + (": " + "; ".join(errors) if errors else ""))
 
 
-def to_float(field: np.ndarray) -> np.ndarray:
-    """Scale a uint8/uint16 array to float32 in [0, 1] by its bit depth."""
+#: The percentile of a 16-bit field's pixels (its four channels pooled) that becomes the top grey level.
+SCALE_PERCENTILE = 99.99
+
+
+def field_scale(field: np.ndarray, percentile: float = SCALE_PERCENTILE) -> float:
+    """The raw value that maps to full brightness (1.0, uint8 255) for this field: its own range.
+
+    - uint8: 255 (8-bit fields are used as they are);
+    - uint16: the ``percentile`` of all pixels of all channels pooled, clipped to 255..65535;
+    - float: 1.0.
+
+    Why one number per field, from the channels pooled: a 16-bit field is often dim (a 12-bit
+    camera, a short exposure: values 0..4000 of 65535), and keeping only the high byte leaves
+    it 16 grey levels. Stretching by the field's own bright level restores them. The same
+    factor divides all four channels, so their brightness relative to each other is kept: a
+    dim protein (green) channel next to bright reference stains means weak or no staining
+    (Negative), and a per-channel stretch would blow its noise up into a pattern. Pooling
+    all channels (not only the references) lets a green channel brighter than the stains set
+    the scale instead of being clipped. A high percentile, not the maximum, so that a few hot
+    pixels do not decide it (the top 0.01% saturate). The floor of 255 keeps a nearly black
+    field black: a 16-bit value never maps above its own number.
+
+    Computed on the whole field; crops and resized copies of it must use the whole field's
+    scale (``to_uint8(part, scale=field_scale(field))``) to look the same as the field.
+    """
+    field = np.asarray(field)
+    if field.dtype == np.uint8:
+        return 255.0
+    if np.issubdtype(field.dtype, np.floating):
+        return 1.0
+    if field.dtype != np.uint16:
+        raise TypeError(f"expected uint8, uint16 or float array, got {field.dtype}")
+    if field.size == 0:
+        return 65535.0
+    counts = np.bincount(field.ravel(), minlength=65536)
+    rank = percentile / 100.0 * (field.size - 1)  # the value at this rank of the sorted pixels (lower one)
+    value = int(np.searchsorted(np.cumsum(counts), int(np.floor(rank)) + 1))
+    return float(min(max(value, 255), 65535))
+
+
+def to_float(field: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Scale a uint8/uint16 array to float32 in [0, 1].
+
+    uint8: / 255. uint16: / ``scale`` (default :func:`field_scale` of ``field`` itself: its
+    own range, see there), clipped to 1. Float arrays are returned as float32.
+    """
     if field.dtype == np.uint8:
         return field.astype(np.float32) / 255.0
     if field.dtype == np.uint16:
-        return field.astype(np.float32) / 65535.0
+        s = field_scale(field) if scale is None else float(scale)
+        return np.minimum(field.astype(np.float32) / np.float32(s), 1.0)
     if np.issubdtype(field.dtype, np.floating):
         return field.astype(np.float32, copy=False)
     raise TypeError(f"expected uint8, uint16 or float array, got {field.dtype}")
 
 
 def read_field_float(folder: str | os.PathLike, image_id: str) -> np.ndarray:
-    """:func:`read_field` scaled to float32 ``(4, H, W)`` in [0, 1]."""
+    """:func:`read_field` scaled to float32 ``(4, H, W)`` in [0, 1] (:func:`to_float`)."""
     return to_float(read_field(folder, image_id))
 
 
-def to_uint8(field: np.ndarray) -> np.ndarray:
-    """Convert a uint8/uint16/float-in-[0,1] array to uint8 by bit depth."""
+def to_uint8(field: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Convert a uint8/uint16/float-in-[0,1] array to uint8.
+
+    uint8 is returned as it is; uint16 becomes ``round(v * 255 / scale)`` clipped to 255, with
+    ``scale`` the field's own range (:func:`field_scale`; pass the whole field's scale when
+    converting a part or a resized copy of it); float is ``round(v * 255)`` clipped.
+    """
     if field.dtype == np.uint8:
         return field
     if field.dtype == np.uint16:
-        return (field >> 8).astype(np.uint8)
+        s = field_scale(field) if scale is None else float(scale)
+        out = field.astype(np.float32) * np.float32(255.0 / s)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return np.clip(np.rint(to_float(field) * 255.0), 0, 255).astype(np.uint8)
+
+
+def field_to_uint8(field: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """A field as uint8, optionally resized first: the one conversion every consumer shares.
+
+    The scale comes from the full-resolution field (:func:`field_scale`), so the field cache,
+    the cell crops and the isolated-cell view of one field agree; the resize happens before
+    the conversion (16-bit precision is kept through the interpolation). 8-bit fields are only
+    resized.
+    """
+    scale = field_scale(field)
+    small = field if size is None else resize_field(field, size)
+    return to_uint8(small, scale)
 
 
 def resize_field(field: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

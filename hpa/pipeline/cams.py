@@ -91,7 +91,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
                        meta: dict, *, method: str = "cam", batch_size: int = 16, tta_flip: bool = False,
                        prob_floor: float = 0.0, device: str = "cpu", shard: tuple[int, int] = (0, 1),
                        force: bool = False, workers: int = 0, on_bad_image: str = "error",
-                       signature: dict | None = None, progress: bool = True) -> dict:
+                       signature: dict | None = None, progress: bool = True, amp: str = "auto") -> dict:
     """Compute and store the CAMs of every image of a split (or of one shard of it).
 
     Args:
@@ -105,11 +105,13 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
         device: where the model runs. shard: ``(i, N)``. force: recompute finished images.
         workers: cache decoding processes. on_bad_image: ``error`` | ``skip``.
         signature: extra entries for ``settings.json`` (e.g. the model's checksum).
+        amp: mixed precision of the ``cam`` method (:func:`hpa.engine.amp.amp_dtype`: bf16 on GPUs that have
+            it, fp16 on older GPUs, off on the CPU with ``auto``); other methods run in float32.
     Returns:
         ``{"images", "computed", "done_before", "skipped", "complete"}`` counts of this call.
     """
     from hpa.data.cache import read_cache_rows
-    from hpa.engine.amp import prepare_batch
+    from hpa.engine.amp import amp_dtype, prepare_batch
 
     check_method(method)
     if split not in ("train", "test"):
@@ -141,7 +143,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
         if meta.get("mean") is not None and meta.get("normalize", True):
             mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
             std = torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        autocast = torch.bfloat16 if str(device).startswith("cuda") and method == "cam" else None
+        autocast = amp_dtype(amp, device) if method == "cam" else None
         model = model.to(device).eval()
         bias = head_bias(model)
         log.info("%s CAMs of %d %s images (%s%s) -> %s", method, len(todo), split, f"{size} px",

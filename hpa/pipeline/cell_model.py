@@ -136,7 +136,7 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
     """
     from hpa.data.augment import BatchAugment
     from hpa.data.cache import FieldDataset
-    from hpa.engine.distributed import barrier, init_distributed, is_main_process
+    from hpa.engine.distributed import init_distributed, main_first
     from hpa.engine.trainer import TrainSettings, fit
 
     s = cfg.cell_model
@@ -144,9 +144,7 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
     out = outputs(run, cycle, oracle)
     model_dir = out["model"].parent
     init_distributed(device)
-    if is_main_process():  # rank 0 builds the caches while the others wait
-        split_cache(run, data_dir, "train", s, cfg.num_workers)
-    barrier()
+    main_first(lambda: split_cache(run, data_dir, "train", s, cfg.num_workers))  # the others wait, no time limit
     crops, index = split_cache(run, data_dir, "train", s, 0)
     rows, targets, weights, tr, va = _training_cells(run, data_dir, index, cycle, oracle, cfg.image_model.val_fold)
     log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
@@ -170,9 +168,8 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
     if len(va) == 0:
         log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
     written = {"model": out["model"]}
-    if is_main_process():
-        written.update(_predict_splits(run, data_dir, s, out, (crops, index), oracle, cfg.num_workers, device, force))
-    barrier()
+    written.update(main_first(lambda: _predict_splits(run, data_dir, s, out, (crops, index), oracle, cfg.num_workers,
+                                                       device, force)) or {})
     return written
 
 

@@ -6,7 +6,8 @@ A stage script parses its arguments, then hands its body to :func:`run_stage`:
   header naming the command, so a run keeps the record of every stage that ran in it (under
   torchrun, ranks other than 0 write ``{stage}.rank{R}.log``);
 - a bad setting or bad input (:class:`hpa.config.ConfigError`, :class:`hpa.io.errors.InputError`,
-  :class:`hpa.eval.submission.SubmissionError`, a missing file) ends the stage with one line,
+  :class:`hpa.eval.submission.SubmissionError`, a missing file, a cache the disk cannot hold:
+  :class:`hpa.utils.fs.NotEnoughSpace`) ends the stage with one line,
   ``{stage}: error: {message}``, exit status 1, and the same line in the log file; any other
   exception is a bug: its traceback goes to the terminal and to the log file.
 """
@@ -24,12 +25,13 @@ from typing import Callable
 from hpa.config import ConfigError
 from hpa.eval.submission import SubmissionError
 from hpa.io.errors import InputError
+from hpa.utils.fs import NotEnoughSpace
 from hpa.utils.log import setup_logging
 
 log = logging.getLogger(__name__)
 
 #: Errors that mean "the input or the settings are wrong", not "the code is wrong".
-USER_ERRORS = (ConfigError, InputError, SubmissionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, InputError, SubmissionError, FileNotFoundError, NotEnoughSpace)
 
 
 def log_path(run: str | os.PathLike, stage: str) -> Path:

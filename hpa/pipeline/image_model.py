@@ -5,12 +5,15 @@
 
 1. ``DATA/train.csv`` and the channel files are checked before any long work;
 2. multi-label stratified folds -> ``RUN/splits.csv`` (``ID,fold``), fold ``val_fold`` validates;
-3. every field is decoded once into ``RUN/cache/train_{S}.npy`` (uint8 ``(N, 4, S, S)``);
-4. per-channel mean/std of the training folds' cache rows;
-5. :func:`hpa.engine.trainer.fit` with batch augmentation -> ``RUN/image_model/`` (``model.pt``, ``last.pt``,
+3. the working resolution from the cells' size (:mod:`hpa.pipeline.image_scale`: cache side ``S``,
+   training crop) -> ``RUN/image_model/scale.json``;
+4. every field is decoded once into ``RUN/cache/train_{S}.npy`` (uint8 ``(N, 4, S, S)``);
+5. per-channel mean/std of the training folds' cache rows;
+6. :func:`hpa.engine.trainer.fit` with batch augmentation -> ``RUN/image_model/`` (``model.pt``, ``last.pt``,
    ``metrics.csv``, ``val_predictions.csv``, ``thresholds.json``, ``curves.png``).
 
-Under torchrun, rank 0 makes the splits and the cache while the other ranks wait.
+Under torchrun, rank 0 makes the splits, the resolution and the cache while the other ranks wait
+(:func:`hpa.engine.distributed.main_first`: no barrier timeout, however long the cache takes).
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hpa.config import ConfigError, ImageModelSettings
+from hpa.config import ClassicalSegmenterSettings, ConfigError, ImageModelSettings
 from hpa.constants import NUM_CLASSES
 from hpa.data.augment import BatchAugment
 from hpa.data.cache import FieldDataset, build_field_cache, cache_bad_ids, cache_path, channel_stats
 from hpa.data.splits import load_or_make_splits
-from hpa.engine.distributed import barrier, init_distributed
+from hpa.engine.distributed import init_distributed, main_first
 from hpa.engine.losses import init_head_bias
 from hpa.engine.trainer import TrainSettings, fit
 from hpa.io.errors import InputError
 from hpa.io.layout import list_split, usable_images
 from hpa.models.factory import build_model
+from hpa.pipeline.image_scale import load_scale, run_scale
 from hpa.utils.fs import write_csv
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,8 @@ def balanced_image_weights(labels: np.ndarray, power: float) -> np.ndarray | Non
 
 def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: ImageModelSettings, *, seed: int = 0,
                       device: str = "cpu", num_workers: int = 0, on_bad_image: str = "error",
-                      force: bool = False, progress: bool = True) -> list[dict]:
+                      force: bool = False, progress: bool = True, cell_diameter: float | None = None,
+                      classical: ClassicalSegmenterSettings | None = None) -> list[dict]:
     """Train (or resume, or skip when finished) the image model of ``run`` on ``data_dir``'s train split.
 
     Args:
@@ -68,6 +73,9 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
         device: ``cpu`` / ``cuda`` (``auto`` already resolved). num_workers: cache decoding
             processes and DataLoader workers (unless ``s.loader_workers``). on_bad_image: ``error`` |
             ``skip`` (skipped images are listed in ``RUN/image_model/skipped.csv``). force: retrain.
+        cell_diameter: the setting ``cell_diameter`` (field pixels; None: measured).
+        classical: the ``segment.classical`` settings, to measure the cells on a sample of fields
+            when stage 03 has not segmented the train split (:func:`hpa.pipeline.image_scale.resolve_scale`).
     Returns:
         the per-epoch history of :func:`hpa.engine.trainer.fit`.
     """
@@ -78,13 +86,18 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
     if not folder.is_dir():
         raise InputError(f"{data_dir}: train.csv lists {len(ids)} images but the folder {folder} does not exist")
     ids_ok, bad = usable_images(folder, ids, on_bad_image)
-    size = s.image_size
-    cpath = cache_path(run, "train", size)
-    if rank == 0:
+
+    def prepare():
         load_or_make_splits(run / "splits.csv", ids, labels, s.folds, seed)
-        build_field_cache(data_dir, "train", ids_ok, size, cpath,
+        scale = run_scale(run, s, folder, ids_ok, cell_diameter=cell_diameter, classical=classical,
+                          workers=num_workers, force=force)
+        build_field_cache(data_dir, "train", ids_ok, scale.image_size, cache_path(run, "train", scale.image_size),
                           workers=num_workers, on_bad_image=on_bad_image, progress=progress)
-    barrier()
+
+    main_first(prepare)
+    scale = load_scale(run)
+    size, crop = scale.image_size, scale.train_crop
+    cpath = cache_path(run, "train", size)
     folds = load_or_make_splits(run / "splits.csv", ids, labels, s.folds, seed)
     keep = np.isin(ids, ids_ok)
     ids, labels, folds = [i for i, k in zip(ids, keep) if k], labels[keep], folds[keep]
@@ -109,9 +122,9 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
                         drop_connect=s.drop_connect)
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
-    crop = s.train_crop
     if crop is not None and crop > size:
-        raise ConfigError(f"image_model.train_crop must be at most image_size ({size}) or null, got {crop}")
+        raise ConfigError(f"image_model.train_crop ({s.train_crop}, {crop} px at the cache side {size}) must be at most "
+                          f"the cache side or null")
     augment = BatchAugment(flips=True, rot90=True, crop_scale=tuple(s.aug_crop_scale), intensity=s.aug_intensity,
                            out_size=crop)
     train = TrainSettings.of(s, task="multilabel", seed=seed,
@@ -121,5 +134,5 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
                augment=augment, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), val_tile=crop,
                extra_meta={"val_fold": s.val_fold, "folds": s.folds, "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
-                           "world_size": world},
+                           "world_size": world, "scale": scale.to_dict()},
                force=force, progress=progress)

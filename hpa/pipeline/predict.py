@@ -81,13 +81,14 @@ def final_method(run: Path, p: PredictSettings) -> str:
     return f"cycle{cyc}"
 
 
-def predict_test(run: str | Path, cfg: Settings, force: bool = False) -> tuple[Path, Path]:
+def predict_test(run: str | Path, cfg: Settings, force: bool = False, device: str = "cpu") -> tuple[Path, Path]:
     """Stage 06: confidences of every test cell -> ``RUN/predictions_test.parquet`` and ``RUN/submission.csv``.
 
     Uses the cell model chosen by ``predict.cycle`` combined with the image model by
     :func:`hpa.cells.combine.combine`. Every test image gets a row in the submission, an empty
     prediction string when no cell was found in it or when an earlier stage skipped it as
-    unreadable (its size then comes from its channel files' headers).
+    unreadable (its size then comes from its channel files' headers). ``device``: where the
+    isolated-cell view of the test cell table runs (``image_model.amp`` mixed precision).
     """
     from hpa.eval.submission import write_submission
     from hpa.io.fields import field_size
@@ -96,7 +97,8 @@ def predict_test(run: str | Path, cfg: Settings, force: bool = False) -> tuple[P
 
     run, data_dir = Path(run), Path(cfg.data)
     p, sc = cfg.predict, cfg.pseudo
-    table = cell_table(run, data_dir, "test", sc.topk_frac, sc.work_size, force=force, view=sc.cell_view)
+    table = cell_table(run, data_dir, "test", sc.topk_frac, sc.work_size, force=force, view=sc.cell_view,
+                       device=device, amp=cfg.image_model.amp)
     method = final_method(run, p)
     conf = method_confidences(run, table, method, p, sc.score)
     preds = table[["ID", "cell_id", "x0", "y0", "x1", "y1", "area"]].copy()

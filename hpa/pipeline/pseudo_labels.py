@@ -54,10 +54,11 @@ def cell_table_path(run: str | Path, split: str, shard: tuple[int, int] = (0, 1)
 
 
 def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_size: int, force: bool = False,
-               view: bool = True) -> pd.DataFrame:
+               view: bool = True, device: str = "cpu", amp: str = "auto") -> pd.DataFrame:
     """``RUN/cells/{split}.parquet``, built from masks and CAMs when missing (or ``force``).
 
-    ``view``: add the image model's isolated-cell probabilities (``view_p*``, :mod:`hpa.cells.view`).
+    ``view``: add the image model's isolated-cell probabilities (``view_p*``, :mod:`hpa.cells.view`),
+    computed on ``device`` with mixed precision ``amp`` (``image_model.amp``).
 
     When it is missing but a complete set of shard tables exists (:func:`build_cell_table_shard`),
     the shards are joined instead; an incomplete set is an error naming the missing shards
@@ -80,14 +81,15 @@ def cell_table(run: Path, data_dir: Path, split: str, topk_frac: float, work_siz
                              f"shards or --merge N, or --force to build the whole table in one process")
     ids = usable_ids(run, split, list_split(data_dir, split)[0])
     table = build_cell_table(ids, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
-                             _viewer(run, data_dir, split, view))
+                             _viewer(run, data_dir, split, view, device, amp))
     write_parquet(path, table)
     log.info("cell table %s: %d cells in %d images -> %s", split, len(table), len(ids), path)
     return table
 
 
 def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, shard: tuple[int, int],
-                           topk_frac: float, work_size: int, force: bool = False, view: bool = True) -> Path:
+                           topk_frac: float, work_size: int, force: bool = False, view: bool = True,
+                           device: str = "cpu", amp: str = "auto") -> Path:
     """Build the cell table of shard ``(i, N)`` (every N-th usable image from the i-th).
 
     Writes ``RUN/cells/{split}.shard-i-of-N.parquet`` (kept unless ``force``) and, once every
@@ -100,7 +102,7 @@ def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, sh
         ids = usable_ids(run, split, list_split(data_dir, split)[0])
         mine = select_shard(ids, shard)
         table = build_cell_table(mine, run / "masks" / split, run / "cams" / split, topk_frac, work_size,
-                                 _viewer(run, data_dir, split, view))
+                                 _viewer(run, data_dir, split, view, device, amp))
         write_parquet(path, table)
         log.info("cell table %s shard %d/%d: %d cells in %d images -> %s", split, shard[0], shard[1], len(table),
                  len(mine), path)
@@ -111,10 +113,12 @@ def build_cell_table_shard(run: str | Path, data_dir: str | Path, split: str, sh
 def cell_table_shard_stage(run: str | Path, cfg: Settings, split: str, shard: tuple[int, int], stage: str,
                            force: bool = False) -> Path:
     """What stages 04 (train) and 06 (test) do with ``--shard i/N``: build, time and report one shard table."""
+    from hpa.config import resolve_device
+
     p = cfg.pseudo
     with stage_timer(run, f"{stage}_cell_table_{split}_shard{shard[0]}of{shard[1]}"):
         path = build_cell_table_shard(run, cfg.data, split, shard, p.topk_frac, p.work_size, force=force,
-                                      view=p.cell_view)
+                                      view=p.cell_view, device=resolve_device(cfg.device), amp=cfg.image_model.amp)
     print(f"cell table shard: {path}")
     return path
 
@@ -133,8 +137,8 @@ def merge_cell_tables(run: str | Path, data_dir: str | Path, split: str, n_shard
         raise InputError(str(exc)) from None
 
 
-def _viewer(run: Path, data_dir: Path, split: str, view: bool):
-    """The isolated-cell viewer of the run's image model, or None (``view`` off, or no image model)."""
+def _viewer(run: Path, data_dir: Path, split: str, view: bool, device: str = "cpu", amp: str = "auto"):
+    """The isolated-cell viewer of the run's image model on ``device``, or None (``view`` off, or no image model)."""
     if not view:
         return None
     if not (run / "image_model" / "model.pt").is_file():
@@ -142,7 +146,7 @@ def _viewer(run: Path, data_dir: Path, split: str, view: bool):
         return None
     from hpa.cells.view import CellViewer
 
-    return CellViewer(run, data_dir, split)
+    return CellViewer(run, data_dir, split, device=device, amp=amp)
 
 
 def usable_ids(run: Path, split: str, ids: list[str]) -> list[str]:
@@ -169,13 +173,15 @@ def load_cell_probs(path: Path, table: pd.DataFrame) -> np.ndarray:
 
 
 def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: PseudoSettings,
-                       force: bool = False) -> pd.DataFrame:
+                       force: bool = False, device: str = "cpu", amp: str = "auto") -> pd.DataFrame:
     """Write ``RUN/cycle{k}/pseudo_labels.parquet`` and ``pseudo_report.json``; return the labels.
 
-    ``p``: the ``pseudo`` settings section (its ``cycle2`` part applies from cycle 2 on).
+    ``p``: the ``pseudo`` settings section (its ``cycle2`` part applies from cycle 2 on). device, amp:
+    where and how the isolated-cell view of the cell table runs (:class:`hpa.cells.view.CellViewer`).
     """
     run, data_dir = Path(run), Path(data_dir)
-    table = cell_table(run, data_dir, "train", p.topk_frac, p.work_size, force=force, view=p.cell_view)
+    table = cell_table(run, data_dir, "train", p.topk_frac, p.work_size, force=force, view=p.cell_view,
+                       device=device, amp=amp)
     ids, y = list_split(data_dir, "train")
     label_of = dict(zip(ids, y))
     img_labels = np.stack([label_of[i] for i in table["ID"]]) if len(table) else np.zeros((0, NUM_CLASSES))

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +53,39 @@ def write_error(what: str, exc: OSError) -> OSError:
     err = OSError(f"{what}: {exc.strerror or exc}")
     err.errno = exc.errno
     return err
+
+
+class NotEnoughSpace(OSError):
+    """A cache or output that the disk cannot hold, found before any of it is written (errno ENOSPC)."""
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent folder)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def gb(n_bytes: float) -> str:
+    """A size in decimal units, as disks are sold: ``12.3 GB`` (from 0.1 GB), ``24.7 MB``, ``10.0 kB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= 0.1 * size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes / 1e3:.1f} kB"
+
+
+def check_space(path: str | os.PathLike, need: int, what: str, hint: str = "") -> None:
+    """Raise :class:`NotEnoughSpace` naming ``path`` when its disk has less than ``need`` bytes free.
+
+    ``what`` says what needs them (``21,806 fields at 480 px``); ``hint`` what the user can do.
+    """
+    free = free_bytes(path)
+    if need > free:
+        err = NotEnoughSpace(f"{path}: {what} need {gb(need)} on disk, only {gb(free)} free there"
+                             + (f"; {hint}" if hint else ""))
+        err.errno = errno.ENOSPC
+        raise err
 
 
 def new_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype=None):

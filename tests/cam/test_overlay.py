@@ -50,6 +50,16 @@ def test_overlay_layout_heat_and_outlines():
     assert len(white) == 2 and abs(white[0] - 10 * ph / h) <= 1 and abs(white[1] - 30 * ph / h) <= 1, white
 
 
+def test_a_dim_16_bit_field_looks_as_its_8_bit_version():
+    rng = np.random.default_rng(2)
+    f8 = rng.integers(0, 200, (4, 40, 60)).astype(np.uint8)
+    f8[1, 10:20, 10:30] = 250
+    rec = _record([3])
+    a = render_overlay(f8, rec, labels=[3], panel_size=60).astype(int)
+    b = render_overlay(f8.astype(np.uint16) * 16, rec, labels=[3], panel_size=60).astype(int)  # 0..4000 of 65535
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
 def test_overlay_test_image_shows_top_k_and_empty_maps_are_labelled():
     field = np.full((4, 32, 32), 30, np.uint8)
     img = render_overlay(field, _record(list(range(NUM_CLASSES))), labels=None, panel_size=64, top_k=2)

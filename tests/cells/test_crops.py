@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from shared_data import SHARED, needs
 
-from hpa.cells.crops import INDEX_COLS, _crop_job, build_crop_cache, crop_cell, crop_window
+from hpa.cells.crops import INDEX_COLS, _crop_job, build_crop_cache, crop_cell, crop_image_cells, crop_window
 from hpa.cells.table import cell_geometry
-from hpa.io.fields import read_field, read_mask, write_field, write_mask
+from hpa.io.fields import field_scale, read_field, read_mask, to_uint8, write_field, write_mask
 
 
 def ramp_field(h=64, w=64, dtype=np.uint8):
@@ -54,17 +54,33 @@ def test_border_cell_is_padded_with_zeros_not_shifted():
     assert np.array_equal(crop2[:, :15, :15], field[:, 49:64, 49:64]) and np.all(crop2[:, 15:, :] == 0)
 
 
-def test_resize_uses_area_average_and_uint16_is_reduced_to_8_bit():
+def test_resize_uses_area_average_and_uint16_is_reduced_by_the_field_range():
     field = np.zeros((4, 64, 64), np.uint16)
-    field[:, 20:40, 20:40] = 200 * 256  # 8-bit value 200
+    field[:, 20:40, 20:40] = 200 * 256
     field[:, 20:30, 20:30] = 100 * 256
     mask = np.zeros((64, 64), np.int32)
     mask[20:40, 20:40] = 1
+    # the field's own range: its bright level 51200 -> 255, 25600 -> 127.5 -> 128 (round half to even)
+    assert field_scale(field) == 51200.0
     crop = crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=10, margin=0.0, outside="zero")
     assert crop.shape == (4, 10, 10)
-    assert np.all(crop[:, :5, :5] == 100) and np.all(crop[:, 5:, 5:] == 200)  # 2x2 blocks average exactly
+    assert np.all(crop[:, :5, :5] == 128) and np.all(crop[:, 5:, 5:] == 255)  # 2x2 blocks average exactly
     up = crop_cell(field, mask, 1, (20, 20, 40, 40), crop_size=40, margin=0.0, outside="zero")
-    assert up.shape == (4, 40, 40) and up[0, 0, 0] == 100 and up[0, -1, -1] == 200
+    assert up.shape == (4, 40, 40) and up[0, 0, 0] == 128 and up[0, -1, -1] == 255
+
+
+def test_a_dim_16_bit_cell_keeps_its_grey_levels_and_the_whole_field_sets_the_scale():
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 4000, (4, 64, 64)).astype(np.uint16)  # values 0..3999 of 65535
+    field[:, 2:6, 2:6] = 4000  # the bright part lies outside the cell's window
+    mask = np.zeros((64, 64), np.int32)
+    mask[30:50, 30:50] = 1
+    crop = crop_cell(field, mask, 1, (30, 30, 50, 50), crop_size=20, margin=0.0, outside="keep")
+    expect = to_uint8(field, field_scale(field))[:, 30:50, 30:50]  # the whole field's scale, not the window's
+    np.testing.assert_array_equal(crop, expect)
+    assert len(np.unique(crop)) > 200  # the high byte alone would leave 16 levels
+    geo = cell_geometry(mask)
+    np.testing.assert_array_equal(crop_image_cells(field, mask, geo, 20, 0.0, "keep", 0.25)[0], crop)
 
 
 def test_crop_rejects_bad_settings():
@@ -87,6 +103,24 @@ def make_dataset(tmp_path, n_images=3):
             mask[4 + 14 * j: 14 + 14 * j, 0 if j == 0 else 10 + 5 * j: 20 + 5 * j] = j + 1
         write_mask(masks / f"{image_id}_cellmask.png", mask)
     return data, masks, ids
+
+
+def test_a_crop_cache_the_disk_cannot_hold_stops_before_it_is_written(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    import hpa.utils.fs as fs
+
+    data, masks, ids = make_dataset(tmp_path)  # 1 + 2 + 3 cells
+    monkeypatch.setattr(fs, "free_bytes", lambda path: 10_000)
+    with caplog.at_level(logging.INFO), pytest.raises(fs.NotEnoughSpace) as err:
+        build_crop_cache(data, masks, "train", ids, 32, 0.1, "dim", 0.25, tmp_path / "cache")
+    need = 6 * 4 * 32 * 32 + 128  # 24,704 bytes
+    assert str(err.value) == (f"{tmp_path / 'cache'}: 6 cells of 3 images at 32 px need 24.7 kB on disk, only 10.0 kB "
+                              "free there; free some space, put the run on a larger disk (--run), or lower "
+                              "cell_model.crop_size") and need == 24_704 and err.value.errno == errno.ENOSPC
+    assert "6 cells of 3 images x 4 channels x 32 x 32 px = 24.7 kB on disk" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.npy"))
 
 
 def test_cache_index_order_and_crops(tmp_path):

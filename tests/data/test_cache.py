@@ -22,7 +22,7 @@ from hpa.data.cache import (
 )
 from hpa.data.splits import load_or_make_splits, make_folds
 from hpa.io.errors import InputError
-from hpa.io.fields import read_field, resize_field, to_uint8, write_field
+from hpa.io.fields import field_scale, read_field, resize_field, to_uint8, write_field
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +152,34 @@ def test_cache_bad_image_error_or_skip(tmp_path):
         build_field_cache(tmp_path, "test", ["x0"], 16, tmp_path / "t.npy")
 
 
-def test_sixteen_bit_fields_keep_their_high_byte(tmp_path):
-    field = np.full((4, 16, 16), 0xAB12, np.uint16)
+def test_a_field_cache_the_disk_cannot_hold_stops_before_decoding(tiny, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import hpa.utils.fs as fs
+
+    ids = pd.read_csv(tiny / "train.csv")["ID"].tolist()
+    monkeypatch.setattr(fs, "free_bytes", lambda path: 10 ** 9)
+    decoded = []
+    monkeypatch.setattr("hpa.data.cache._load_field", lambda job: decoded.append(job))
+    out = tmp_path / "cache" / "train_8192.npy"
+    with caplog.at_level(logging.INFO), pytest.raises(fs.NotEnoughSpace) as err:
+        build_field_cache(tiny, "train", ids, 8192, out, progress=False)  # 12 x 4 x 8192^2 bytes: 3.2 GB
+    assert str(err.value) == (f"{out.parent}: 12 fields at 8192 px need 3.2 GB on disk, only 1.0 GB free there; free "
+                              "some space, put the run on a larger disk (--run), or lower image_model.cell_px or the "
+                              "maximum of image_model.image_size_range")
+    assert "12 fields x 4 channels x 8192 x 8192 px = 3.2 GB on disk" in caplog.text
+    assert not decoded and not out.with_name("train_8192.partial.npy").exists()
+
+
+def test_a_dim_16_bit_field_keeps_its_grey_levels_in_the_cache(tmp_path):
+    rng = np.random.default_rng(1)
+    field = rng.integers(0, 4001, (4, 64, 64)).astype(np.uint16)  # 0..4000 of 65535: the high byte holds 0..15
     write_field(tmp_path / "train", "w", field)
-    arr = build_field_cache(tmp_path, "train", ["w"], 16, tmp_path / "w.npy")
-    assert (arr == 0xAB).all()
+    arr = build_field_cache(tmp_path, "train", ["w"], 32, tmp_path / "w.npy")
+    scale = field_scale(field)
+    assert 3990 <= scale <= 4000  # the 99.99th percentile of the four channels pooled
+    np.testing.assert_array_equal(arr[0], to_uint8(resize_field(field, 32), scale))  # scale of the full field
+    assert arr.max() > 200 and len(np.unique(arr)) > 150  # the high byte would give 0..15
 
 
 def _rss_file_kib():

@@ -235,8 +235,8 @@ def _stage():
     return mod
 
 
-TINY_SETTINGS = ["image_model.image_size=32", "image_model.train_crop=16", "image_model.val_every=1",
-                 "image_model.epochs=1", "image_model.batch_size=4", "image_model.folds=3",
+TINY_SETTINGS = ["image_model.image_size=32", "image_model.cell_px=null", "image_model.train_crop=16",
+                 "image_model.val_every=1", "image_model.epochs=1", "image_model.batch_size=4", "image_model.folds=3",
                  "image_model.arch=resnet18", "num_workers=0"]
 
 

@@ -9,12 +9,15 @@ from shared_data import HPA_REAL, needs
 from hpa.constants import CHANNELS, NUM_CLASSES
 from hpa.io.errors import InputError
 from hpa.io.fields import (
+    field_scale,
+    field_to_uint8,
     read_field,
     read_field_float,
     read_mask,
     resize_field,
     rgb_composite,
     to_float,
+    to_uint8,
     write_field,
     write_mask,
 )
@@ -38,8 +41,50 @@ def test_read_field_roundtrip_8_and_16_bit(tmp_path):
     assert got8.dtype == np.uint8 and got8.shape == (4, 20, 30) and np.array_equal(got8, f8)
     assert got16.dtype == np.uint16 and np.array_equal(got16, f16)
     flt = read_field_float(tmp_path, "b")
-    assert flt.dtype == np.float32 and flt.max() <= 1.0 and np.allclose(flt, f16 / 65535.0)
+    scale = field_scale(f16)  # the field's own range: its 99.99th percentile (uniform 0..65535: near the top)
+    assert 65000 < scale <= 65535
+    assert flt.dtype == np.float32 and flt.max() == 1.0 and np.allclose(flt, np.minimum(f16 / scale, 1.0))
     assert to_float(np.array([255], np.uint8))[0] == 1.0
+
+
+def _dim16(h=40, w=100, hot=0):
+    """A dim 16-bit field: every channel holds each value 0..3999 (h * w = 4000 pixels), ``hot`` pixels at 65535."""
+    f = np.stack([np.roll(np.arange(4000, dtype=np.uint16), 997 * c).reshape(h, w) for c in range(4)])
+    f[0].flat[:hot] = 65535
+    return f
+
+
+def test_a_dim_16_bit_field_keeps_its_grey_levels():
+    f16 = _dim16()
+    # 16,000 pooled pixels, 4 of each value: the 99.99th percentile's rank floor(0.9999 * 15999) = 15997 -> 3999
+    assert field_scale(f16) == 3999.0
+    u8 = to_uint8(f16)
+    assert u8.dtype == np.uint8 and u8.max() == 255 and len(np.unique(u8)) == 256  # the high byte alone: 16 levels
+    assert len(np.unique(f16 >> 8)) == 16
+    np.testing.assert_array_equal(u8, np.rint(f16.astype(np.float64) * 255 / 3999).astype(np.uint8))
+    assert to_float(f16).max() == 1.0 and to_float(f16)[0].min() == 0.0
+    # a hot pixel does not set the scale (the top 0.01% saturate: 1.6 of 16,000 pixels here, 1,677 of a 2048-px field)
+    assert field_scale(_dim16(hot=1)) == 3999.0 and field_scale(_dim16(hot=3)) == 65535.0
+    # resized: the full field's scale, then the resize in 16 bit
+    small = field_to_uint8(f16, (20, 50))
+    np.testing.assert_array_equal(small, to_uint8(resize_field(f16, (20, 50)), 3999.0))
+
+
+def test_16_bit_scaling_keeps_the_channels_relative_brightness():
+    f = _dim16().astype(np.uint32)
+    f[1] //= 100  # a dim protein channel (0..39) next to bright stains: weak staining, not to be stretched
+    f = (f * 10).astype(np.uint16)  # stains 0..39990
+    u8 = to_uint8(f)
+    assert field_scale(f) == 39990.0 and u8[1].max() == round(390 * 255 / 39990) == 2
+    black = np.full((4, 10, 10), 7, np.uint16)  # nearly black: never brightened past its own numbers
+    assert field_scale(black) == 255.0 and np.all(to_uint8(black) == 7)
+
+
+def test_8_bit_fields_are_unchanged():
+    f8 = np.random.default_rng(0).integers(0, 256, (4, 30, 40), dtype=np.uint8)
+    assert field_scale(f8) == 255.0 and to_uint8(f8) is f8
+    np.testing.assert_array_equal(field_to_uint8(f8, 20), resize_field(f8, 20))
+    np.testing.assert_array_equal(to_float(f8), f8 / np.float32(255))
 
 
 def test_channel_order_is_red_green_blue_yellow(tmp_path):

@@ -137,6 +137,7 @@ def test_segment_killed_and_rerun_equals_an_uninterrupted_run(synth128, segmente
 
 
 TRAIN_ARGS = ["--profile", "quick", "--no-progress", "image_model.arch=resnet18", "image_model.image_size=64",
+              "image_model.cell_px=null",
               "image_model.train_crop=32", "image_model.epochs=2", "image_model.samples_per_epoch=32",
               "image_model.batch_size=8", "image_model.val_every=1", "image_model.folds=3",
               "image_model.loader_workers=0", "device=cpu"]
@@ -301,7 +302,8 @@ def test_stage_05_killed_and_rerun_equals_an_uninterrupted_run(cell_runs, tmp_pa
 
 
 # ------------------------------------------------------------------ determinism
-CHEAP_TRAIN = ["image_model.arch=resnet18", "image_model.image_size=64", "image_model.train_crop=32",
+CHEAP_TRAIN = ["image_model.arch=resnet18", "image_model.image_size=64", "image_model.cell_px=null",
+               "image_model.train_crop=32",
                "image_model.epochs=1", "image_model.samples_per_epoch=32", "image_model.batch_size=8",
                "image_model.folds=3", "num_workers=0", "device=cpu", "cam.overlay_max_images=0"]
 
@@ -398,7 +400,8 @@ def test_stage_01_bad_input_is_a_clear_error_before_training(tmp_path, case):
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
         stage_module("01_train_image.py").main(["--data", str(root), "--run", str(run), "--profile", "quick",
-                                                "--no-progress", "image_model.image_size=32"])
+                                                "--no-progress", "image_model.image_size=32",
+                                                "image_model.cell_px=null"])
     msg = str(err.value)
     assert msg.startswith("01_train_image: error: ") and all(e in msg for e in expected), msg
     assert not (run / "image_model").exists()  # training never started

@@ -148,6 +148,19 @@ def test_masks_keep_the_contract_and_find_the_cells(size, work_size, dtype):
     assert m.recall >= 0.9 and m.unmatched_pred_frac <= 0.1, (m.recall, m.unmatched_pred_frac)
 
 
+def test_a_dim_16_bit_field_segments_as_its_8_bit_version():
+    """The classical segmenter normalises each channel by its own percentile: 16 x an 8-bit field (values
+    0..4080 of 65535) gives the same masks."""
+    centres = grid_centres(3, 3, 60, 30, jitter=6, rng=np.random.default_rng(5))
+    f8, _, _ = draw_field(centres, 180, nuc_r=13, cell_r=37, rng=np.random.default_rng(5))
+    seg = get_segmenter("classical", work_size=512)
+    cells8, nuclei8 = seg.segment(f8)
+    cells16, nuclei16 = seg.segment(f8.astype(np.uint16) * 16)
+    assert cells8.max() >= 8
+    np.testing.assert_array_equal(cells16, cells8)
+    np.testing.assert_array_equal(nuclei16, nuclei8)
+
+
 def test_same_settings_give_similar_counts_on_a_4x_upscaled_field():
     rng = np.random.default_rng(5)
     centres = grid_centres(3, 3, 40, 22, jitter=5, rng=rng)
