@@ -33,7 +33,8 @@ from hpa.engine.losses import init_head_bias
 from hpa.engine.trainer import fit
 from hpa.io.errors import InputError
 from hpa.io.layout import list_split, usable_images
-from hpa.models.factory import available_models, build_model
+from hpa.models.backbones import packaged_weights
+from hpa.models.factory import IMAGENET, available_models, build_model
 from hpa.utils.fs import write_csv
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
     s = dict(settings)
     if s["arch"] not in available_models():
         raise ConfigError(f"unknown model {s['arch']!r}; available models: {', '.join(available_models())}")
+    pretrained = s.get("pretrained") or None
+    if pretrained is not None and str(pretrained).strip().lower() == IMAGENET:
+        try:  # before any long work: the package is installed and its file intact
+            packaged_weights(s["arch"])
+        except (ValueError, OSError, ImportError) as exc:
+            raise ConfigError(f"image_model.pretrained={IMAGENET}: {exc}") from exc
     run, data_dir = Path(run), Path(data_dir)
     rank, world = init_distributed(device)
     ids, labels = list_split(data_dir, "train")
@@ -121,9 +128,9 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
 
     torch.manual_seed(seed)
-    model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), s.get("pretrained"), size,
+    model = build_model(s["arch"], NUM_CLASSES, 4, float(s["dropout"]), pretrained, size,
                         int(s["output_stride"]), s.get("bn_momentum"),
-                        zero_init_residual=bool(s.get("zero_init_residual")) and not s.get("pretrained"),
+                        zero_init_residual=bool(s.get("zero_init_residual")),  # ignored with pretrained
                         input_norm=s.get("input_norm") or "none", drop_connect=s.get("drop_connect"))
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
@@ -146,4 +153,5 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, setti
                val_tile=None if crop is None else int(crop),
                extra_meta={"val_fold": val_fold, "folds": int(s["folds"]), "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
+                           "pretrained": None if pretrained is None else str(pretrained),
                            "world_size": world})
