@@ -165,7 +165,8 @@ class ImageModelSettings(Section):
     """Stage 01, the image-level multi-label classifier. Defaults = the ``default`` profile (~8 min on 2 CPU cores)."""
 
     arch: str = setting("efficientnet-b0", "backbone by name (hpa.models.factory.available_models())", choices=_models)
-    pretrained: Optional[str] = setting(None, "local path to an ImageNet state dict (3-channel); never downloaded")
+    pretrained: Optional[str] = setting(None, "imagenet (the weights packaged for efficientnet-lite0/1/2) or a local path to an ImageNet "
+                                          "state dict (3-channel); never downloaded")
     image_size: int = setting(128, "side of the square field cache (uint8; validation, CAMs and the cell view use it) "
                                    "for fields whose median cell spans cell_px / image_size of the field side; with "
                                    "cell_px null, every field is resized to it (docs/training.md, scaling from cells)",

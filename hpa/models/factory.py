@@ -5,9 +5,22 @@ to a feature map ``(B, C, h, w)``; ``head`` is one ``nn.Linear(C, num_classes)``
 after global average pooling. Because pooling and the head are both linear, the logit
 of class k equals the spatial mean of ``head.weight[k] . F(x, y) + head.bias[k]``: the
 class activation map (CAM) of stage 02 is exact and costs one forward pass for all
-classes.
+classes. The backbones themselves are built in :mod:`hpa.models.backbones`.
 
-No weights are ever downloaded: ``pretrained`` is a path to a local state dict.
+No weights are ever downloaded. ``pretrained`` is either a path to a local state dict or
+``"imagenet"``: the ImageNet weights that an installed package ships for the architecture
+(EfficientNet-Lite0/1/2, :data:`hpa.models.backbones.PACKAGED_WEIGHTS`).
+
+Input normalisation with ImageNet weights. The packaged Lite weights were trained on
+``(pixel - 127) / 128`` (zero-centred, per-channel spread about 0.45 on ImageNet photos). The
+pipeline feeds its own standardisation instead, once, unchanged: per-channel dataset mean/std
+(:func:`hpa.engine.trainer.fit`), then optionally ``input_norm=per_image`` inside the model;
+both are zero-centred with spread 1, about twice ImageNet's. No extra rescaling is applied
+because the stem convolution has no bias and is followed by BatchNorm: in training mode
+(batch statistics) ``BN(conv(a * x)) == BN(conv(x))`` for any scale ``a`` (up to BN's epsilon),
+so the factor only touches the stem BN's running statistics, which fine-tuning re-estimates
+within the first epoch (bn_momentum 0.1). The weights' features therefore see the same
+normalised stem activations as on ImageNet (tested in tests/test_models.py).
 """
 
 from __future__ import annotations
@@ -20,16 +33,27 @@ import torch
 from torch import nn
 
 from hpa.constants import NUM_CLASSES
+from hpa.models.backbones import (
+    EFFICIENTNET_LITES,
+    EFFICIENTNETS,
+    PACKAGED_WEIGHTS,
+    TORCHVISION,
+    efficientnet,
+    packaged_weights,
+    torchvision_backbone,
+)
 
 log = logging.getLogger(__name__)
 
-EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
-TORCHVISION = ("resnet18", "resnet34", "resnet50", "densenet121", "convnext_tiny")
+#: ``pretrained`` value that selects the packaged ImageNet weights of the architecture.
+IMAGENET = "imagenet"
+#: Output strides :func:`build_model` accepts (8 and 16: EfficientNets and ResNets only).
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
-    return list(EFFICIENTNETS) + list(TORCHVISION)
+    return list(EFFICIENTNETS) + list(EFFICIENTNET_LITES) + list(TORCHVISION)
 
 
 #: Input normalisations an :class:`HPANet` can apply before its backbone (parameter-free).
@@ -94,82 +118,6 @@ class HPANet(nn.Module):
         return logits, cams
 
 
-class _EffNetFeatures(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net.extract_features(x)
-
-
-def _efficientnet(arch: str, in_channels: int, image_size: int | None, output_stride: int,
-                  drop_connect: float | None = None) -> tuple[nn.Module, int]:
-    from efficientnet_pytorch import EfficientNet
-    from efficientnet_pytorch.utils import get_model_params
-
-    params = {"image_size": image_size} if image_size else {}
-    if drop_connect is not None:
-        params["drop_connect_rate"] = float(drop_connect) or None  # None: the blocks skip it entirely
-    blocks_args, global_params = get_model_params(arch, params or None)
-    if output_stride == 16:  # the last stride-2 stage keeps its resolution: CAMs twice as fine
-        last = max(i for i, b in enumerate(blocks_args) if b.stride == [2])
-        blocks_args[last] = blocks_args[last]._replace(stride=[1])
-    net = EfficientNet(blocks_args, global_params)
-    _native_silu(net)
-    net._change_in_channels(in_channels)
-    num_features = net._fc.in_features
-    net._fc = nn.Identity()
-    return _EffNetFeatures(net), num_features
-
-
-def _native_silu(net: nn.Module) -> int:
-    """Replace efficientnet-pytorch's Python swish modules by ``nn.SiLU`` (the same function, x * sigmoid(x)).
-
-    Its default ``MemoryEfficientSwish`` is a custom autograd function; PyTorch's fused SiLU
-    trains EfficientNet-B0 about 12% faster on CPU (64-px inputs, 2 threads). No parameters
-    are involved, so state dicts are unchanged. Returns how many modules were replaced.
-    """
-    n = 0
-    for module in net.modules():
-        for name, child in list(module.named_children()):
-            if type(child).__name__ in ("MemoryEfficientSwish", "Swish"):
-                setattr(module, name, nn.SiLU())
-                n += 1
-    return n
-
-
-def _torchvision(arch: str, in_channels: int, output_stride: int) -> tuple[nn.Module, int]:
-    import torchvision
-
-    if output_stride == 16 and not arch.startswith("resnet"):
-        raise ValueError(f"output_stride=16 is supported for efficientnet-* and resnet*, not {arch}")
-    if arch.startswith("resnet"):
-        net = getattr(torchvision.models, arch)(weights=None)
-        if output_stride == 16:  # stride 1 in layer4, as in DeepLab
-            block = net.layer4[0]
-            conv = block.conv2 if arch == "resnet50" else block.conv1
-            conv.stride = (1, 1)
-            if block.downsample is not None:
-                block.downsample[0].stride = (1, 1)
-    else:
-        net = getattr(torchvision.models, arch)(weights=None)
-    if arch.startswith("resnet"):
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        num_features = net.fc.in_features
-        body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-        return body, num_features
-    if arch == "densenet121":
-        old = net.features.conv0
-        net.features.conv0 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
-        return nn.Sequential(net.features, nn.ReLU(inplace=False)), net.classifier.in_features
-    if arch == "convnext_tiny":
-        old = net.features[0][0]
-        net.features[0][0] = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride)
-        return net.features, net.classifier[-1].in_features
-    raise AssertionError(arch)
-
-
 def first_conv(model: nn.Module) -> nn.Conv2d:
     """The first convolution of a model (the one that sees the input channels)."""
     for m in model.modules():
@@ -181,10 +129,14 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
 def adapt_first_conv_weight(weight: torch.Tensor, in_channels: int = 4) -> torch.Tensor:
     """Turn an ImageNet first-conv weight ``(O, 3, k, k)`` into ``(O, in_channels, k, k)``.
 
-    HPA channel order is red, green, blue, yellow. The RGB filters are kept unchanged
-    for red, green and blue (so a 3-channel ImageNet model sees those channels as it
-    was trained to); yellow (ER, imaged as red + green light) gets the mean of the red
-    and green filters. Extra channels beyond 4 get the mean of all three.
+    HPA channel order is red (microtubules), green (protein), blue (nucleus), yellow (ER).
+    The RGB filters are kept unchanged for red, green and blue (so a 3-channel ImageNet
+    model sees those channels as it was trained to); yellow gets the mean of the red and
+    green filters. That is exactly the network's response to the usual HPA RGB composite
+    ``(R + Y/2, G + Y/2, B)`` (yellow light shown half in red, half in green): the stem is
+    linear, so ``W_r (R + Y/2) + W_g (G + Y/2) + W_b B = W_r R + W_g G + W_b B + ((W_r + W_g)/2) Y``.
+    The larger input spread of four channels is absorbed by the BatchNorm after the stem.
+    Extra channels beyond 4 get the mean of all three.
     """
     if weight.ndim != 4 or weight.shape[1] != 3:
         raise ValueError(f"expected a (O, 3, k, k) first-conv weight, got {tuple(weight.shape)}")
@@ -197,25 +149,38 @@ def adapt_first_conv_weight(weight: torch.Tensor, in_channels: int = 4) -> torch
     return torch.cat([weight] + extra, dim=1)
 
 
-def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
-    """Load a local ImageNet state dict (3-channel) into ``model``'s backbone.
+def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> dict:
+    """Load ImageNet weights (3-channel) into ``model``'s backbone; returns a summary.
 
-    Accepts the state dicts of efficientnet-pytorch (keys like ``_conv_stem.weight``)
-    and torchvision (``conv1.weight`` ...), or a dict with a ``state_dict`` entry. The
-    first convolution is adapted from 3 to 4 channels by :func:`adapt_first_conv_weight`;
-    the ImageNet classifier is dropped. Keys that do not fit are reported, not ignored
-    silently: if fewer than 90% of backbone tensors load, it is an error.
+    Args:
+        model: an :class:`HPANet` (its ``arch`` decides the key mapping).
+        path: ``"imagenet"`` for the weights an installed package ships for ``model.arch``
+            (:func:`hpa.models.backbones.packaged_weights`: located through the import system,
+            SHA-256 checked; loaded strictly: every backbone tensor must come from the file and
+            every file tensor but the 1000-class classifier must be used), or a local state dict
+            of efficientnet-pytorch (keys like ``_conv_stem.weight``) or torchvision
+            (``conv1.weight`` ...), possibly wrapped in a dict with a ``state_dict`` entry; a local
+            file must fill at least 90% of the backbone's tensors (the rest is reported).
+    Returns:
+        ``{"path": str, "loaded": int, "total": int}`` (tensors loaded / backbone tensors).
+
+    The first convolution is adapted from 3 to 4 channels by :func:`adapt_first_conv_weight`;
+    the ImageNet classifier (``_fc``, ``fc``, ``classifier``) is dropped.
     """
+    strict = str(path).strip().lower() == IMAGENET
+    if strict:
+        path = packaged_weights(model.arch)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} not found (weights are never downloaded; give a local file)")
+        raise FileNotFoundError(f"pretrained weights {path} not found (weights are never downloaded; give a local "
+                                f"file, or {IMAGENET!r} for the packaged weights of {', '.join(PACKAGED_WEIGHTS)})")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     target = model.backbone.state_dict()
     conv_key = next(k for k, v in target.items() if v.ndim == 4)
     prefix = "net." if model.arch.startswith("efficientnet") else ""
-    mapped = {}
+    mapped, unused = {}, []
     for k, v in sd.items():
         k2 = prefix + k if prefix + k in target else k
         if model.arch.startswith("resnet"):  # torchvision resnet names -> nn.Sequential indices
@@ -228,16 +193,24 @@ def load_pretrained_backbone(model: HPANet, path: str | os.PathLike) -> None:
         elif model.arch == "convnext_tiny" and k.startswith("features."):
             k2 = k[len("features."):]
         if k2 in target:
-            if k2 == conv_key and v.shape[1] == 3 and target[k2].shape[1] != 3:
+            if k2 == conv_key and v.ndim == 4 and v.shape[1] == 3 and target[k2].shape[1] != 3:
                 v = adapt_first_conv_weight(v, target[k2].shape[1])
             if v.shape == target[k2].shape:
                 mapped[k2] = v
-    frac = len(mapped) / max(len(target), 1)
-    if frac < 0.9:
+                continue
+        if k.partition(".")[0] not in ("_fc", "fc", "classifier"):
+            unused.append(k)
+    missing = [k for k in target if k not in mapped]
+    if strict and (missing or unused):
+        raise ValueError(f"{path}: the packaged weights do not fit {model.arch} exactly: {len(missing)} backbone "
+                         f"tensor(s) missing {missing[:3]}, {len(unused)} file tensor(s) unused {unused[:3]}")
+    if len(mapped) < 0.9 * len(target):
         raise ValueError(f"{path}: only {len(mapped)} of {len(target)} backbone tensors of {model.arch} match; "
                          "is this a state dict of the same architecture?")
-    missing = model.backbone.load_state_dict(mapped, strict=False).missing_keys
-    log.info("loaded %d/%d backbone tensors from %s (missing: %s)", len(mapped), len(target), path, missing[:5])
+    model.backbone.load_state_dict(mapped, strict=False)
+    log.info("loaded %d/%d backbone tensors of %s from %s (missing: %s)", len(mapped), len(target), model.arch,
+             path, missing[:5])
+    return {"path": str(path), "loaded": len(mapped), "total": len(target)}
 
 
 def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4, dropout: float = 0.2,
@@ -245,26 +218,30 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
                 output_stride: int = 32, bn_momentum: float | None = None,
                 zero_init_residual: bool = False, input_norm: str = "none",
                 drop_connect: float | None = None) -> HPANet:
-    """Build an :class:`HPANet` by name (see :func:`available_models`), random or from a local file.
+    """Build an :class:`HPANet` by name (see :func:`available_models`), random or with ImageNet weights.
 
+    ``pretrained``: None (random), ``"imagenet"`` (the weights an installed package ships for
+    ``arch``: EfficientNet-Lite0/1/2) or a local state dict file; see :func:`load_pretrained_backbone`.
     ``output_stride`` 32 is the backbone as published; 16 keeps the last stride-2 stage at
-    full resolution, so the feature map (and the CAM) of a 256-px input is 16x16, not 8x8.
-    The parameters are the same either way, so pretrained weights load into both.
+    full resolution, so the feature map (and the CAM) of a 256-px input is 16x16, not 8x8;
+    8 also the one before (32x32, EfficientNets and ResNets). The parameters are the same
+    either way, so pretrained weights load into all three.
     ``bn_momentum`` (None: the architecture's own; EfficientNet's is 0.01, tuned for long
     ImageNet runs) sets every BatchNorm's running-statistics momentum: 0.1 lets a short
-    training from scratch validate with settled statistics. It does not change the weights.
+    training validate with settled statistics. It does not change the weights.
     ``zero_init_residual`` starts the last BatchNorm scale of every residual block at 0, so
-    each block begins as the identity (Goyal et al. 2017): faster training from scratch.
+    each block begins as the identity (Goyal et al. 2017): faster training from scratch;
+    ignored when ``pretrained`` is given (the weights set those scales).
     ``input_norm`` ``per_image`` standardises each input image and channel first (see :class:`HPANet`).
     ``drop_connect``: EfficientNet's stochastic depth rate (None: its own 0.2; 0 switches it
     off, which suits short trainings from scratch); training only, ignored by other architectures.
     """
-    if output_stride not in (16, 32):
-        raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
-    if arch in EFFICIENTNETS:
-        backbone, nf = _efficientnet(arch, in_channels, image_size, output_stride, drop_connect)
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    if arch in EFFICIENTNETS or arch in EFFICIENTNET_LITES:
+        backbone, nf = efficientnet(arch, in_channels, image_size, output_stride, drop_connect)
     elif arch in TORCHVISION:
-        backbone, nf = _torchvision(arch, in_channels, output_stride)
+        backbone, nf = torchvision_backbone(arch, in_channels, output_stride)
     else:
         raise ValueError(f"unknown model {arch!r}; available models: {', '.join(available_models())}")
     model = HPANet(backbone, nf, num_classes, dropout, arch, input_norm)
@@ -272,10 +249,10 @@ def build_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 4,
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = float(bn_momentum)
-    if zero_init_residual:
-        zero_residual_bn(model)
     if pretrained:
         load_pretrained_backbone(model, pretrained)
+    elif zero_init_residual:
+        zero_residual_bn(model)
     return model
 
 
@@ -315,7 +292,7 @@ def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout:
         image_model: the trained image-level HPANet (its ``arch`` and ``backbone`` are used).
         crop_size: the cell crop size (EfficientNet's static padding is built for it).
         dropout: head dropout (None: the image model's).
-        output_stride: 16 or 32 (None: the image model's); the weights are the same either way.
+        output_stride: 8, 16 or 32 (None: the image model's); the weights are the same either way.
         bn_momentum: BatchNorm momentum (None: the architecture's own).
         seed: seeds the new head's initialisation.
         drop_connect: EfficientNet stochastic depth rate while training (None: the arch's own).
@@ -342,7 +319,7 @@ def cell_model_from_image_model(image_model: nn.Module, crop_size: int, dropout:
 
 
 def model_output_stride(model: nn.Module) -> int:
-    """16 or 32: the total stride of a model's backbone, measured on a 64-px input."""
+    """8, 16 or 32: the total stride of a model's backbone, measured on a 64-px input."""
     param = next(model.parameters())
     was_training = model.training
     model.eval()

@@ -36,7 +36,8 @@ from hpa.engine.losses import init_head_bias
 from hpa.engine.trainer import TrainSettings, fit
 from hpa.io.errors import InputError
 from hpa.io.layout import list_split, usable_images
-from hpa.models.factory import build_model
+from hpa.models.backbones import packaged_weights
+from hpa.models.factory import IMAGENET, build_model
 from hpa.pipeline.image_scale import load_scale, run_scale
 from hpa.utils.fs import write_csv
 
@@ -79,6 +80,12 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
     Returns:
         the per-epoch history of :func:`hpa.engine.trainer.fit`.
     """
+    pretrained = s.pretrained or None
+    if pretrained is not None and str(pretrained).strip().lower() == IMAGENET:
+        try:  # before any long work: the package is installed and its file intact
+            packaged_weights(s.arch)
+        except (ValueError, OSError, ImportError) as exc:
+            raise ConfigError(f"image_model.pretrained={IMAGENET}: {exc}") from exc
     run, data_dir = Path(run), Path(data_dir)
     rank, world = init_distributed(device)
     ids, labels = list_split(data_dir, "train")
@@ -117,9 +124,9 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
 
     torch.manual_seed(seed)
-    model = build_model(s.arch, NUM_CLASSES, 4, s.dropout, s.pretrained, size, s.output_stride, s.bn_momentum,
-                        zero_init_residual=s.zero_init_residual and not s.pretrained, input_norm=s.input_norm,
-                        drop_connect=s.drop_connect)
+    model = build_model(s.arch, NUM_CLASSES, 4, s.dropout, pretrained, size, s.output_stride, s.bn_momentum,
+                        zero_init_residual=s.zero_init_residual,  # ignored with pretrained weights
+                        input_norm=s.input_norm, drop_connect=s.drop_connect)
     y = labels.astype(np.float32)
     init_head_bias(model, y[tr], "multilabel")
     if crop is not None and crop > size:
@@ -134,5 +141,6 @@ def train_image_model(run: str | os.PathLike, data_dir: str | os.PathLike, s: Im
                augment=augment, val_index=pd.DataFrame({"ID": [ids[i] for i in va]}), val_tile=crop,
                extra_meta={"val_fold": s.val_fold, "folds": s.folds, "data": str(data_dir.resolve()),
                            "cache": str(cpath), "n_train": int(len(tr)), "n_val": int(len(va)), "seed": seed,
+                           "pretrained": None if pretrained is None else str(pretrained),
                            "world_size": world, "scale": scale.to_dict()},
                force=force, progress=progress)

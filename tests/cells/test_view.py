@@ -10,7 +10,6 @@ from hpa.cells.table import VIEW_COLS, image_cell_rows
 from hpa.cells.view import cell_windows, isolated_cell_probs, window_side
 from hpa.constants import NUM_CLASSES
 
-
 BG = 30  # background intensity: every window pixel outside its cell must come out 0, not BG
 
 
