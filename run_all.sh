@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The main job: synthetic data (unless --data), then every stage in order; a re-run resumes.
-#   bash run_all.sh [--data DIR] [--run DIR] [--profile quick|default|hard|full]
+#   bash run_all.sh [--data DIR] [--run DIR] [--profile quick|default|hard|full] [--config FILE] [key=value ...]
+# --config and key=value settings go to every stage and are recorded in RUN/config.yaml.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA="" RUN="" PROFILE="default"
+SETTINGS=()  # --config FILE and key=value overrides, handed to every stage
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) DATA="$2"; shift 2 ;;
         --run) RUN="$2"; shift 2 ;;
         --profile) PROFILE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
+        --config) [ -f "$2" ] || { echo "run_all.sh: --config $2: no such file" >&2; exit 2; }
+                  SETTINGS+=(--config "$2"); shift 2 ;;
+        *=*) SETTINGS+=("$1"); shift ;;
+        -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
         *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -34,15 +39,15 @@ if [ -z "$DATA" ]; then  # the synthetic benchmark's size per profile
 fi
 
 # the train split is segmented first: stage 01 sizes its field cache from these cells (image_model.cell_px)
-"$PY" stages/03_segment.py --data "$DATA" --run "$RUN" --profile "$PROFILE" --split train
-"$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE"
-"$PY" stages/03_segment.py --run "$RUN" --split test
-"$PY" stages/02_cam.py --run "$RUN" --split train
-"$PY" stages/02_cam.py --run "$RUN" --split test
-"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 1
-"$PY" stages/05_train_cell.py --run "$RUN" --cycle 1
-"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 2
-"$PY" stages/05_train_cell.py --run "$RUN" --cycle 2
-"$PY" stages/05_train_cell.py --run "$RUN" --oracle
-"$PY" stages/06_predict.py --run "$RUN" --split test
-"$PY" stages/07_evaluate.py --run "$RUN"
+"$PY" stages/03_segment.py --data "$DATA" --run "$RUN" --profile "$PROFILE" --split train "${SETTINGS[@]}"
+"$PY" stages/01_train_image.py --data "$DATA" --run "$RUN" --profile "$PROFILE" "${SETTINGS[@]}"
+"$PY" stages/03_segment.py --run "$RUN" --split test "${SETTINGS[@]}"
+"$PY" stages/02_cam.py --run "$RUN" --split train "${SETTINGS[@]}"
+"$PY" stages/02_cam.py --run "$RUN" --split test "${SETTINGS[@]}"
+"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 1 "${SETTINGS[@]}"
+"$PY" stages/05_train_cell.py --run "$RUN" --cycle 1 "${SETTINGS[@]}"
+"$PY" stages/04_pseudo_label.py --run "$RUN" --cycle 2 "${SETTINGS[@]}"
+"$PY" stages/05_train_cell.py --run "$RUN" --cycle 2 "${SETTINGS[@]}"
+"$PY" stages/05_train_cell.py --run "$RUN" --oracle "${SETTINGS[@]}"
+"$PY" stages/06_predict.py --run "$RUN" --split test "${SETTINGS[@]}"
+"$PY" stages/07_evaluate.py --run "$RUN" "${SETTINGS[@]}"

