@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cell-level mAP of the combination rules on the validation fold's training images.
+"""Cell-level mAP of the combination rules on the validation fold's training images, in both scoring modes.
 
 The test split decides nothing: this scores the rules of :func:`hpa.cells.combine.combine` on the
 cells of the image model's validation fold (``RUN/splits.csv``), which neither the image model
@@ -8,8 +8,12 @@ ground truth of those training images (``DATA/gt``; a diagnostic, as in stage 04
 
     python benchmarks/combination_val.py --run runs/default
 
-Prints mAP per cell model (cycle 1, cycle 2) and rule (cell, product, mean), Negative by
-``max``, with the small-cell penalty as in stage 06.
+Prints mAP per cell model (cycle 1, cycle 2) and rule (cell, product, mean, product_max),
+Negative by ``max``, with the small-cell penalty as in stage 06, in the ``oid`` mode (the
+competition's: chooses ``predict.combine``, the submission) and the ``strict`` mode (ranking all
+cells by one class: chooses ``predict.rank_combine``). Two references from the truth: the true
+image labels given to every predicted cell, and the cell model with the true image labels
+(what it would score if it knew which classes each image has).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import pandas as pd
 from hpa.cells.combine import aligned_cell_probs, combine, quality_factor
 from hpa.cells.table import IMG_COLS
 from hpa.config import load_run_config
-from hpa.eval import gt as gtmod
-from hpa.eval.metric import cell_images, score_images
+from hpa.eval.benchmark import read_ground_truth
+from hpa.eval.metric import MODES, cell_images, score_images
 from hpa.io.fields import read_mask
+
+RULES = ("cell", "product", "mean", "product_max")
 
 
 def main(argv=None):
@@ -36,33 +42,46 @@ def main(argv=None):
     run = Path(args.run)
     cfg = load_run_config(run)
     data = Path(cfg.data)
-    if not gtmod.has_gt(data):
+    if not (data / "gt" / "cell_labels.csv").is_file():
         sys.exit(f"{data} has no gt/: nothing to score")
     folds = pd.read_csv(run / "splits.csv", dtype={"ID": str})
     val = set(folds.loc[folds["fold"] == int(cfg.image_model.val_fold), "ID"])
     table = pd.read_parquet(run / "cells" / "train.parquet")
     table = table[table["ID"].isin(val)].reset_index(drop=True)
-    labels = gtmod.read_cell_labels(data, "train")
     ids = list(dict.fromkeys(table["ID"]))
-    gt = {i: (gtmod.read_gt_mask(data, i), labels[i]) for i in ids}
+    truth = read_ground_truth(data, "train")
+    gt = {i: truth[i] for i in truth if i in val}  # every validation image, those without a segmented cell too
     masks = {i: read_mask(run / "masks" / "train" / f"{i}_cellmask.png") for i in ids}
     groups, cell_ids = table.groupby("ID", sort=False).indices, table["cell_id"].to_numpy()
     img = table[IMG_COLS].to_numpy(np.float32)
     quality = quality_factor(table["rel_area"], table["touches_border"])
+    image_ids = table["ID"].to_numpy()
+    has = np.zeros((len(table), img.shape[1]), bool)  # the classes of each cell's image's true cells
+    for i, rows in groups.items():
+        for classes in gt[i][1].values():
+            has[np.ix_(rows, classes)] = True
     cache: dict = {}
-    print(f"{run}: {len(ids)} validation-fold images, {len(table)} cells")
-    print(f"{'cell model':10s} " + " ".join(f"{r:>8s}" for r in ("cell", "product", "mean")))
+
+    def score(conf):
+        pred = {i: (masks[i], cell_ids[groups[i]], conf[groups[i]]) for i in ids}
+        return {m: r.map for m, r in score_images(gt, cell_images(gt, pred, cache), MODES).items()}
+
+    print(f"{run}: {len(gt)} validation-fold images, {len(table)} cells")
+    ref = score(has.astype(np.float32))
+    print("true image labels on every cell: " + ", ".join(f"{m} {v:.4f}" for m, v in ref.items()))
     for cycle in ("cycle1", "cycle2"):
         path = run / cycle / "cell_probs_train.parquet"
         if not path.is_file():
             continue
         probs = aligned_cell_probs(table, pd.read_parquet(path), str(path))
-        maps = []
-        for rule in ("cell", "product", "mean"):
-            conf = combine(img, probs, rule, "max", quality)
-            pred = {i: (masks[i], cell_ids[groups[i]], conf[groups[i]]) for i in ids}
-            maps.append(score_images(gt, cell_images(gt, pred, cache)).map)
-        print(f"{cycle:10s} " + " ".join(f"{m:8.4f}" for m in maps))
+        res = {rule: score(combine(img, probs, rule, "max", quality, image_ids)) for rule in RULES}
+        res["cell x true image labels"] = score(np.where(has, combine(img, probs, "cell", "max", quality), 0))
+        print(f"\n{cycle:28s} " + " ".join(f"{m:>8s}" for m in MODES))
+        for rule, v in res.items():
+            print(f"{rule:28s} " + " ".join(f"{v[m]:8.4f}" for m in MODES))
+        for m in MODES:
+            best = max(RULES, key=lambda r: res[r][m])
+            print(f"best rule in {m} mode: {best}")
 
 
 if __name__ == "__main__":

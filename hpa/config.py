@@ -356,8 +356,11 @@ class CellModelSettings(Section):
 class PredictSettings(Section):
     """Stage 06, per-cell confidences and the submission (docs/cell_model.md)."""
 
-    combine: str = setting("cell", "how cell and image probabilities combine",
-                           choices=("cell", "product", "mean", "image"))
+    combine: str = setting("cell", "how cell and image probabilities combine (the submission)",
+                           choices=("cell", "product", "mean", "image", "product_max"))
+    rank_combine: str = setting("product_max", "how they combine for the ranking output (rank0..rank18 of "
+                                "predictions_test.parquet: comparable between images)",
+                                choices=("cell", "product", "mean", "image", "product_max"))
     negative: str = setting("max", "how the Negative confidence is formed", choices=("max", "min_complement", "cell"))
     small_cell_penalty: bool = setting(True, "lower confidence for small cells and cells cut by the border")
     cycle: Union[int, str] = setting("last", "which cycle's cell model predicts: last | 1 | 2",

@@ -3,9 +3,11 @@
 
 Reads RUN/masks/test (stage 03), RUN/cams/test (stage 02: image probabilities and CAMs) and
 RUN/cycle{k}/cell_probs_test.parquet (stage 05). Writes RUN/cells/test.parquet (once),
-RUN/predictions_test.parquet (ID, cell_id, model, bbox, area, conf0..conf18) and
-RUN/submission.csv (ID,ImageWidth,ImageHeight,PredictionString; readable by python -m hpa.score).
-How confidences are formed: hpa/predict.py (setting predict.combine, predict.negative, ...).
+RUN/predictions_test.parquet (ID, cell_id, model, bbox, area, conf0..conf18 as submitted,
+rank0..rank18 for ranking cells across images) and RUN/submission.csv
+(ID,ImageWidth,ImageHeight,PredictionString; readable by python -m hpa.score).
+How confidences are formed: hpa/cells/combine.py (settings predict.combine, predict.rank_combine,
+predict.negative, ...).
 The per-image part, the test cell table, can be sharded: --shard i/N writes
 RUN/cells/test.shard-i-of-N.parquet (the last shard joins them into test.parquet); a run without
 --shard (which joins a complete set of shard tables itself) or --merge N writes the predictions

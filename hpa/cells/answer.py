@@ -186,5 +186,5 @@ class FieldPredictor:
             n = len(cells)
             img_rows = None if img is None else np.repeat(img[None], n, 0)
             conf = rule_confidences(img_rows, cell, cells["rel_area"].to_numpy(), cells["touches_border"].to_numpy(),
-                                    self.combine, self.negative, self.penalty)
+                                    self.combine, self.negative, self.penalty, np.zeros(n, int))  # one image
         return FieldAnswers(cells, conf.astype(np.float32), img, cell, timer)

@@ -5,10 +5,16 @@ row of the report, so the report measures exactly what is submitted:
 
 - classes 0..17: ``cell`` (the default profile): the cell model alone; ``product`` (the
   ``full`` profile; what the top HPA teams found best): ``conf_c = P_cell,c x P_image,c``;
-  ``mean``: their average; ``image``: the image probability broadcast to every cell. On the
+  ``mean``: their average; ``image``: the image probability broadcast to every cell;
+  ``product_max``: ``P_cell,c x P_image,c x M_c`` with ``M_c`` the highest ``P_cell,c`` among
+  the cells of the same image (two estimates of whether the image shows c at all). On the
   synthetic benchmark the cell model is the stronger of the two, and multiplying by the image
   probability adds the image model's errors: on the validation fold's held-out cells
   ``cell`` beat ``product`` for both cycles (docs/cell_model.md), and on the test split too.
+  That holds for the competition's scoring, which ignores predictions of classes the image
+  lacks; ranking all cells of a data set by one class (the ``strict`` mode) needs the
+  image-level factors, and there ``product_max`` was best (the stage-06 ranking output,
+  ``predict.rank_combine``; docs/cell_model.md).
 - Negative (18): ``max`` (default): ``max(P_cell,18, P_image,18)``; ``min_complement``:
   ``min over c < 18 of (1 - conf_c)``; ``cell``: ``P_cell,18``.
 - quality penalty (``small_cell_penalty``): every confidence of a cell is multiplied by
@@ -28,7 +34,7 @@ import pandas as pd
 from hpa.cells.table import CAM_MEAN_COLS, CAM_TOPK_COLS, IMG_COLS, VIEW_COLS
 from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS
 
-COMBINE = ("product", "mean", "cell", "image")
+COMBINE = ("product", "mean", "cell", "image", "product_max")
 NEGATIVE_RULES = ("max", "min_complement", "cell")
 
 
@@ -38,8 +44,18 @@ def quality_factor(rel_area: np.ndarray, touches_border: np.ndarray) -> np.ndarr
     return (f * np.where(np.asarray(touches_border, bool), 0.8, 1.0)).astype(np.float32)
 
 
+def image_max(values: np.ndarray, image_ids) -> np.ndarray:
+    """Per cell (N, K): the column-wise maximum of ``values`` (N, K) over the cells of its image."""
+    values = np.asarray(values, np.float64)
+    codes = pd.factorize(pd.Series(np.asarray(image_ids)), sort=False)[0]
+    n = int(codes.max()) + 1 if len(codes) else 0
+    agg = np.full((n, values.shape[1]), -np.inf)
+    np.maximum.at(agg, codes, values)
+    return agg[codes]
+
+
 def combine(img_probs: np.ndarray, cell_probs: np.ndarray | None = None, method: str = "product",
-            negative: str = "max", quality: np.ndarray | None = None) -> np.ndarray:
+            negative: str = "max", quality: np.ndarray | None = None, image_ids=None) -> np.ndarray:
     """Cell confidences float32 (N, 19) in [0, 1].
 
     Args:
@@ -47,6 +63,7 @@ def combine(img_probs: np.ndarray, cell_probs: np.ndarray | None = None, method:
         cell_probs: (N, 19) cell-level softmax probabilities (None only for ``image``).
         method: one of :data:`COMBINE`; negative: one of :data:`NEGATIVE_RULES`.
         quality: optional (N,) multiplier from :func:`quality_factor`.
+        image_ids: (N,) each cell's image (``product_max`` only: which cells share an image).
     """
     if method not in COMBINE:
         raise ValueError(f"unknown combination {method!r}; valid: {', '.join(COMBINE)}")
@@ -66,6 +83,10 @@ def combine(img_probs: np.ndarray, cell_probs: np.ndarray | None = None, method:
         conf[:, :NEGATIVE] = 0.5 * (cell[:, :NEGATIVE] + img[:, :NEGATIVE])
     elif method == "cell":
         conf[:, :NEGATIVE] = cell[:, :NEGATIVE]
+    elif method == "product_max":
+        if image_ids is None or len(image_ids) != len(cell):
+            raise ValueError(f"combination 'product_max' needs the image ID of each of the {len(cell)} cells")
+        conf[:, :NEGATIVE] = cell[:, :NEGATIVE] * img[:, :NEGATIVE] * image_max(cell[:, :NEGATIVE], image_ids)
     else:
         conf[:] = img
     if method != "image":
@@ -91,13 +112,15 @@ def needs_cell_probs(method: str) -> bool:
 
 
 def rule_confidences(img_probs: np.ndarray | None, cell_probs: np.ndarray | None, rel_area: np.ndarray,
-                     touches_border: np.ndarray, method: str, negative: str, penalty: bool) -> np.ndarray:
+                     touches_border: np.ndarray, method: str, negative: str, penalty: bool,
+                     image_ids=None) -> np.ndarray:
     """The submitted confidences (N, 19): :func:`combine` with the quality penalty when ``penalty``.
 
     What stage 06 submits for a cell model and stage 08 gives new fields, one rule for both.
     ``img_probs`` (N, 19) may be None when :func:`needs_image_probs` is False, ``cell_probs``
     (N, 19) when :func:`needs_cell_probs` is False; ``rel_area`` and ``touches_border`` (N,)
-    are the cell table's columns (:func:`hpa.cells.table.cell_geometry`).
+    are the cell table's columns (:func:`hpa.cells.table.cell_geometry`); ``image_ids`` (N,) each
+    cell's image (read by ``product_max`` only).
     """
     n = len(rel_area)
     if img_probs is None:
@@ -105,7 +128,7 @@ def rule_confidences(img_probs: np.ndarray | None, cell_probs: np.ndarray | None
             raise ValueError(f"combination {method!r} with negative rule {negative!r} needs image probabilities")
         img_probs = np.zeros((n, NUM_CLASSES), np.float32)  # never read by combine() for this rule
     quality = quality_factor(rel_area, touches_border) if penalty else None
-    return combine(img_probs, cell_probs, method, negative, quality)
+    return combine(img_probs, cell_probs, method, negative, quality, image_ids)
 
 
 def cam_confidences(table: pd.DataFrame, score: str = "topk_mean", quality: np.ndarray | None = None) -> np.ndarray:

@@ -17,12 +17,14 @@ DESCRIPTIONS = {
     "cycle1": "cycle-1 cell model",
     "cycle2": "cycle-2 cell model",
     "oracle": "same cell model trained on true cell labels (upper bound)",
+    "ranking": "submitted cell model",
 }
 
 
 #: How the cell-model rows combine with the image model (``predict.combine``), for the descriptions.
 COMBINED = {"cell": "", "product": " x image probability", "mean": ", mean with the image probability",
-            "image": " (image probability only)"}
+            "image": " (image probability only)",
+            "product_max": " x image probability x the image's highest cell probability"}
 
 
 #: Parts of the report (and stages) that need the true cell labels of ``DATA/gt/``.
@@ -30,11 +32,13 @@ NEEDS_GT = ("cell-level mAP of every method", "oracle cell model (stage 05 --ora
             "segmentation match rate", "pseudo-label precision against true cell labels")
 
 
-def describe(method: str, combine: str | None = None) -> str:
+def describe(method: str, combine: str | None = None, rank_combine: str | None = None) -> str:
     """One-line description of a report row; cell-model rows say how they were combined."""
     text = DESCRIPTIONS.get(method, "")
     if method in ("cycle1", "cycle2") and combine:
         text += COMBINED.get(combine, f" ({combine})")
+    if method == "ranking":
+        text += COMBINED.get(rank_combine, f" ({rank_combine})") + " (rank* columns: for ranking cells across images)"
     return text
 
 
@@ -65,7 +69,7 @@ def _score_lines(r: dict) -> list[str]:
     head = "| method | what |" + "".join(f" {m} mAP |" + (" 95% CI |" if ci else "") for m in modes)
     lines += ["", head, "|---|---|" + ("---|" * (2 if ci else 1)) * len(modes)]
     for name in lead:
-        row = f"| {name} | {describe(name, r.get('combine'))} |"
+        row = f"| {name} | {describe(name, r.get('combine'), r.get('rank_combine'))} |"
         for m in modes:
             v = bm[m]["methods"].get(name)
             row += f" {_fmt(v and v['mAP'])} |"
@@ -266,7 +270,7 @@ def summary_table(report: dict) -> str:
         rows = []
         for m in report["methods"]:
             scores = "  ".join(f"{mode}={e['methods'][m]['mAP']:.4f}" for mode, e in bm.items() if m in e["methods"])
-            rows.append(f"{m:<10} mAP {scores}  {describe(m, report.get('combine'))}")
+            rows.append(f"{m:<10} mAP {scores}  {describe(m, report.get('combine'), report.get('rank_combine'))}")
     problems = report.get("input_problems") or {}
     n_skip = len({(s["split"], s["ID"]) for s in problems.get("skipped", [])})
     n_empty = len(problems.get("no_cells", []))

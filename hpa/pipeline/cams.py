@@ -36,7 +36,7 @@ from tqdm import tqdm
 from hpa.cam.maps import load_cam, save_cam
 from hpa.cam.methods import check_method, head_bias, image_cams
 from hpa.constants import PROB_COLS
-from hpa.io.errors import InputError
+from hpa.io.errors import InputError, check_same_settings
 from hpa.io.layout import list_split, usable_images
 from hpa.utils.fs import write_csv, write_json, write_text
 from hpa.utils.parallel import map_jobs
@@ -121,7 +121,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
     size = int(meta["image_size"])
     settings = {"method": method, "tta_flip": bool(tta_flip), "input_size": size, "tile": meta.get("tile"),
                 "prob_floor": float(prob_floor) if split == "test" else None, **(signature or {})}
-    _check_settings(out_dir / "settings.json", settings, force)
+    check_same_settings(out_dir / "settings.json", settings, force, "CAMs", "pass --force to recompute them all")
 
     ids, labels = list_split(data_dir, split)
     label_of = {i: np.flatnonzero(row).tolist() for i, row in zip(ids, labels)} if labels is not None else None
@@ -163,17 +163,6 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
         bar.close()
     stats["complete"] = merge_split(run, split, ids)
     return stats
-
-
-def _check_settings(path: Path, settings: dict, force: bool) -> None:
-    if force or not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise InputError(f"{path.parent} holds CAMs made with other settings ({detail}); "
-                         "pass --force to recompute them all")
 
 
 def merge_split(run: str | os.PathLike, split: str, ids: list[str]) -> bool:

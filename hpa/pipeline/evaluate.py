@@ -51,7 +51,7 @@ def build_report(run: str | Path, cfg: Settings, mode: str = "oid") -> dict:
     run, data_dir = Path(run), Path(cfg.data)
     modes = mode_order(mode)
     report: dict = {"run": str(run), "data": str(data_dir), "profile": cfg.profile, "mode": mode,
-                    "modes": list(modes), "combine": cfg.predict.combine}
+                    "modes": list(modes), "combine": cfg.predict.combine, "rank_combine": cfg.predict.rank_combine}
     for k in (1, 2):
         p = run / f"cycle{k}" / "pseudo_report.json"
         if p.is_file():
@@ -77,6 +77,12 @@ def build_report(run: str | Path, cfg: Settings, mode: str = "oid") -> dict:
             log.warning("no %s predictions in %s: row left out of the report", m, run)
         else:
             confs[m] = c
+    try:
+        fm = final_method(run, p)
+    except FileNotFoundError:
+        fm = None
+    if fm and p.rank_combine != p.combine:  # the ranking output (rank* columns of predictions_test.parquet)
+        confs["ranking"] = method_confidences(run, table, fm, p, sc.score, p.rank_combine)
     n_boot = cfg.evaluate.bootstrap
     scores = score_methods(run, data_dir, table, confs, modes, n_boot, cfg.seed, gt=gt)
     by_mode: dict = {}
@@ -90,10 +96,6 @@ def build_report(run: str | Path, cfg: Settings, mode: str = "oid") -> dict:
         by_mode[m] = entry
     if n_boot:
         report["bootstrap"] = {"resamples": n_boot, "unit": "test image"}
-    try:
-        fm = final_method(run, p)
-    except FileNotFoundError:
-        fm = None
     if fm:  # ablations of the combination rule on the submitted cell model
         variants = {f"{fm} {c} / negative={n} / penalty={pen}": method_confidences(run, table, fm, p, sc.score, c, n, pen)
                     for c in ("product", "mean", "cell") for n in ("max", "min_complement") for pen in (True, False)}

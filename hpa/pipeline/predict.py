@@ -8,6 +8,8 @@ The methods (stage 07 scores them side by side, all on the same predicted masks)
    (:func:`hpa.cells.combine.view_confidences`; when the cell table has ``view_p*`` columns);
 3. ``cycle1`` / 4. ``cycle2``: the cell model of that cycle combined with the image model
    by :func:`hpa.cells.combine.combine` with the run's ``predict`` settings;
+   ``ranking``: the submitted cell model combined by ``predict.rank_combine`` instead, the
+   per-cell output for ranking cells across images (``rank*`` columns of the predictions);
 5. ``oracle``: the same cell classifier and budget trained on the true cell labels (upper bound).
 """
 
@@ -35,6 +37,7 @@ from hpa.io.fields import read_mask
 log = logging.getLogger(__name__)
 
 CONF_COLS = [f"conf{c}" for c in range(NUM_CLASSES)]
+RANK_COLS = [f"rank{c}" for c in range(NUM_CLASSES)]
 METHODS = ("broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle")
 
 
@@ -70,7 +73,7 @@ def method_confidences(run: Path, table: pd.DataFrame, method: str, p: PredictSe
         return None
     cell = aligned_cell_probs(table, pd.read_parquet(path), str(path))
     return rule_confidences(img, cell, table["rel_area"], table["touches_border"], combine_method or p.combine,
-                            negative or p.negative, penalty)
+                            negative or p.negative, penalty, table["ID"].to_numpy())
 
 
 def final_method(run: Path, p: PredictSettings) -> str:
@@ -85,7 +88,9 @@ def predict_test(run: str | Path, cfg: Settings, force: bool = False, device: st
     """Stage 06: confidences of every test cell -> ``RUN/predictions_test.parquet`` and ``RUN/submission.csv``.
 
     Uses the cell model chosen by ``predict.cycle`` combined with the image model by
-    :func:`hpa.cells.combine.combine`. Every test image gets a row in the submission, an empty
+    :func:`hpa.cells.combine.combine`: ``conf*`` columns and the submission by ``predict.combine``
+    (the competition's scoring), ``rank*`` columns by ``predict.rank_combine`` (confidences
+    comparable between images, for ranking all cells by one class; docs/cell_model.md). Every test image gets a row in the submission, an empty
     prediction string when no cell was found in it or when an earlier stage skipped it as
     unreadable (its size then comes from its channel files' headers). ``device``: where the
     isolated-cell view of the test cell table runs (``image_model.amp`` mixed precision).
@@ -103,6 +108,7 @@ def predict_test(run: str | Path, cfg: Settings, force: bool = False, device: st
     conf = method_confidences(run, table, method, p, sc.score)
     preds = table[["ID", "cell_id", "x0", "y0", "x1", "y1", "area"]].copy()
     preds[CONF_COLS] = conf
+    preds[RANK_COLS] = method_confidences(run, table, method, p, sc.score, p.rank_combine)
     preds.insert(2, "model", method)
     from hpa.utils.fs import write_parquet
 

@@ -44,7 +44,7 @@ import pandas as pd
 from hpa.cells.combine import needs_cell_probs, needs_image_probs
 from hpa.config import Settings
 from hpa.constants import CLASS_NAMES, IMAGE_EXTENSIONS, NUM_CLASSES
-from hpa.io.errors import InputError
+from hpa.io.errors import InputError, check_same_settings
 from hpa.utils.fs import atomic_path, write_csv, write_json, write_parquet
 from hpa.utils.parallel import map_jobs
 from hpa.utils.shards import select_shard
@@ -146,17 +146,6 @@ def prediction_signature(run: Path, cfg: Settings, cycle: int, segmenter: str, s
             "image_tta_flip": cfg.cam.tta_flip if uses_image else None, "cell_tta_flip": cfg.cell_model.tta_flip,
             "segmenter": segmenter, "segmenter_settings": {k: v for k, v in segmenter_kw.items() if k != "device"},
             "viewer_size": int(viewer_size)}
-
-
-def _check_signature(path: Path, signature: dict, force: bool) -> None:
-    if force or not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
-    if diff:
-        detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise InputError(f"{path.parent} holds answers made with other models or settings ({detail}); use another "
-                         "--out folder, or --force to redo every field")
 
 
 # ------------------------------------------------------------------ one field (in a worker)
@@ -269,7 +258,8 @@ def predict_new(run: str | os.PathLike, data_dir: str | os.PathLike, out: str | 
     seg_name, seg_kw, reason = segmenter_settings(cfg.segment, device)
     _compare_segmenter(run, seg_name)
     signature = prediction_signature(run, cfg, k, seg_name, seg_kw, viewer_size, fs.folder)
-    _check_signature(out / "settings.json", signature, force)
+    check_same_settings(out / "settings.json", signature, force, "answers",
+                        "use another --out folder, or --force to redo every field")
     write_json(out / "settings.json", signature)
     save_config(out, cfg)
     mine = select_shard(fs.ids, shard)

@@ -138,7 +138,7 @@ def _w(px_at_256: float, s: float, lo: float = 0.8) -> float:
     return max(px_at_256 * s, lo)
 
 
-def cell_map(values: np.ndarray, cell: np.ndarray) -> np.ndarray:
+def paint_cells(values: np.ndarray, cell: np.ndarray) -> np.ndarray:
     """Per-cell values (K+1,) painted on the cell mask: float32 (S, S) (0 outside cells)."""
     v = np.asarray(values, np.float32).copy()
     v[0] = 0
@@ -517,9 +517,9 @@ def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[
     mitm = lay.mitotic[m.cell] & cellm
 
     # per-cell expression of the reference markers
-    g_red = cell_map(np.exp(rng.normal(0, 0.2, K + 1)), m.cell)
-    g_yel = cell_map(np.exp(rng.normal(0, 0.2, K + 1)), m.cell)
-    g_blue = cell_map(np.exp(rng.normal(0, 0.18, K + 1)), lay.nuclei_mask)
+    g_red = paint_cells(np.exp(rng.normal(0, 0.2, K + 1)), m.cell)
+    g_yel = paint_cells(np.exp(rng.normal(0, 0.2, K + 1)), m.cell)
+    g_blue = paint_cells(np.exp(rng.normal(0, 0.18, K + 1)), lay.nuclei_mask)
 
     diffuse = m.cyto * (1 - 0.5 * m.t)
     red = 0.8 * mt + 0.1 * diffuse + 0.05 * m.nuc + 0.9 * spindle
@@ -546,7 +546,7 @@ def render_field(rng: np.random.Generator, lay: Layout, cell_labels: list[tuple[
         else:
             green += PATTERNS[int(c)](rng, m, amp.astype(np.float32), ctx).astype(np.float32)
     # faint non-specific staining in every cell (what a Negative cell shows)
-    green += (0.03 * diffuse + 0.015 * m.nuc) * cell_map(np.exp(rng.normal(0, 0.3, K + 1)), m.cell)
+    green += (0.03 * diffuse + 0.015 * m.nuc) * paint_cells(np.exp(rng.normal(0, 0.3, K + 1)), m.cell)
 
     chans = [red, green, blue, yellow]
     illum = 1.0 + 0.22 * np.clip(smooth_noise(rng, shape, S / 3.0), -2, 2) / 2

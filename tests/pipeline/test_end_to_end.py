@@ -30,7 +30,7 @@ def test_quick_profile_end_to_end(tmp_path):
                 "report.json", "report.md", "report_ap.png"]:
         assert (run / rel).exists(), rel
     report = json.loads((run / "report.json").read_text())
-    assert list(report["methods"]) == ["broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle"]
+    assert list(report["methods"]) == ["broadcast", "cam", "cellview", "cycle1", "cycle2", "oracle", "ranking"]
     # every method in both scoring modes; strict only adds false positives (predictions of classes absent from
     # their image), so no class can score higher there than in oid
     assert report["modes"] == ["oid", "strict"] and report["methods"] == report["by_mode"]["oid"]["methods"]
@@ -75,6 +75,14 @@ def test_quick_profile_end_to_end(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         assert out.startswith("mAP=")
         assert float(out[4:]) == pytest.approx(report["by_mode"][mode]["methods"]["cycle2"]["mAP"], abs=1e-4), mode
+    # the ranking output (rank* columns of predictions_test.parquet) is what the report's ranking row scores
+    from hpa.eval.benchmark import score_methods
+    from hpa.pipeline.predict import RANK_COLS
+
+    preds = pd.read_parquet(run / "predictions_test.parquet")
+    res = score_methods(run, data, preds, {"ranking": preds[RANK_COLS].to_numpy()}, ("oid", "strict"))
+    for mode in ("oid", "strict"):
+        assert res[mode]["ranking"]["mAP"] == pytest.approx(report["by_mode"][mode]["methods"]["ranking"]["mAP"], abs=1e-12)
     # a re-run resumes: nothing is retrained and the report is the same
     proc = subprocess.run(["bash", "run_all.sh", "--profile", "quick", "--data", str(data), "--run", str(run)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
