@@ -124,6 +124,8 @@ def test_quick_profile_without_ground_truth(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["scored"] is False and "oracle cell model (stage 05 --oracle)" in report["not_run"]
     assert "## Not run (no ground truth)" in (run / "report.md").read_text()
+    card = (run / "model_card.md").read_text()  # stage 07's model card names the command for new fields
+    assert "08_predict_new.py" in card and str(run) in card
     sub = read_submission(run / "submission.csv")
     test_ids = pd.read_csv(data / "test.csv")["ID"].astype(str).tolist()
     assert list(sub) == test_ids
