@@ -14,7 +14,9 @@ way stage 06 gives them to the run's own test cells:
 3. the cell model's softmax for every cell, only when the rule reads it: crops as stage 05
    caches them (:func:`hpa.cells.crops.crop_image_cells` with the crop settings stored in the
    cell model's meta), all cells of the field in batches of ``batch_size``;
-4. :func:`hpa.cells.combine.rule_confidences` with the run's ``predict`` settings.
+4. :func:`hpa.cells.combine.rule_confidences` with the run's ``predict`` settings; with
+   ``rank_combine`` also the ranking confidences (``predict.rank_combine``: comparable between
+   fields, for ranking cells by one class; stage 06's ``rank*`` columns).
 
 No class activation maps and no isolated-cell view are computed: the submitted rule reads
 neither. Every step's wall-clock and CPU seconds are returned with the answers (the speed
@@ -72,7 +74,8 @@ class FieldAnswers:
     ``cell_id, x0, y0, x1, y1, area, touches_border, height, width, rel_area``; x1/y1 exclusive);
     ``conf`` float32 (N, 19) in [0, 1]; ``image_probs`` float32 (19,) or None when the rule does
     not read them; ``cell_probs`` float32 (N, 19) or None; ``timer``: wall-clock and CPU seconds
-    per step of :data:`STEPS` (0 for a step the rule does not need).
+    per step of :data:`STEPS` (0 for a step the rule does not need); ``rank`` float32 (N, 19): the
+    ranking confidences (``rank_combine``), or None.
     """
 
     cells: pd.DataFrame
@@ -80,6 +83,7 @@ class FieldAnswers:
     image_probs: np.ndarray | None
     cell_probs: np.ndarray | None
     timer: StepTimer = dc_field(default_factory=StepTimer)
+    rank: np.ndarray | None = None
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -96,6 +100,7 @@ class FieldPredictor:
         image_model, image_meta: the image model and its meta; may be None when the rule does
             not read image probabilities.
         combine, negative, small_cell_penalty: the run's ``predict`` settings.
+        rank_combine: the run's ``predict.rank_combine`` (None: no ranking confidences).
         image_tta_flip: the run's ``cam.tta_flip`` (how its image probabilities were made).
         cell_tta_flip, batch_size, amp: the run's ``cell_model.tta_flip``, ``predict_batch_size``, ``amp``.
         device: where the models run.
@@ -104,14 +109,17 @@ class FieldPredictor:
     def __init__(self, cell_model: nn.Module | None, cell_meta: dict | None, image_model: nn.Module | None = None,
                  image_meta: dict | None = None, *, combine: str = "cell", negative: str = "max",
                  small_cell_penalty: bool = True, image_tta_flip: bool = False, cell_tta_flip: bool = False,
-                 batch_size: int = 256, amp: str = "auto", device: str = "cpu"):
+                 batch_size: int = 256, amp: str = "auto", device: str = "cpu", rank_combine: str | None = None):
         self.combine, self.negative, self.penalty = combine, negative, bool(small_cell_penalty)
-        self.uses_image = needs_image_probs(combine, negative)
-        self.uses_cells = needs_cell_probs(combine)
+        self.rank_combine = rank_combine
+        rules = [combine] + ([rank_combine] if rank_combine else [])
+        self.uses_image = any(needs_image_probs(r, negative) for r in rules)
+        self.uses_cells = any(needs_cell_probs(r) for r in rules)
         if self.uses_image and image_model is None:
-            raise ValueError(f"predict.combine={combine} with predict.negative={negative} needs the image model")
+            raise ValueError(f"predict.combine={combine} (rank_combine={rank_combine}) with predict.negative={negative} "
+                             "needs the image model")
         if self.uses_cells and cell_model is None:
-            raise ValueError(f"predict.combine={combine} needs a cell model")
+            raise ValueError(f"predict.combine={combine} (rank_combine={rank_combine}) needs a cell model")
         self.device = device
         self.image_model = image_model.to(device).eval() if self.uses_image else None
         self.image_meta = image_meta
@@ -185,6 +193,11 @@ class FieldPredictor:
         with timer.step("combine"):
             n = len(cells)
             img_rows = None if img is None else np.repeat(img[None], n, 0)
-            conf = rule_confidences(img_rows, cell, cells["rel_area"].to_numpy(), cells["touches_border"].to_numpy(),
-                                    self.combine, self.negative, self.penalty, np.zeros(n, int))  # one image
-        return FieldAnswers(cells, conf.astype(np.float32), img, cell, timer)
+            geo = (cells["rel_area"].to_numpy(), cells["touches_border"].to_numpy())
+            one_image = np.zeros(n, int)
+            conf = rule_confidences(img_rows, cell, *geo, self.combine, self.negative, self.penalty, one_image)
+            rank = None
+            if self.rank_combine:
+                rank = rule_confidences(img_rows, cell, *geo, self.rank_combine, self.negative, self.penalty,
+                                        one_image).astype(np.float32)
+        return FieldAnswers(cells, conf.astype(np.float32), img, cell, timer, rank)

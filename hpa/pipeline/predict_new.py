@@ -16,13 +16,14 @@ either case.
 Outputs under ``OUT``:
 
 - ``fields/{ID}.parquet``: one row per cell (``ID, cell_id, x0, y0, x1, y1, area, rel_area,
-  touches_border, conf0..conf18, mask``: the competition's mask string) and ``fields/{ID}.json``
+  touches_border, conf0..conf18, rank0..rank18, mask``: the competition's mask string) and ``fields/{ID}.json``
   (size, cell count, wall-clock and CPU seconds per step, image probabilities; or ``status:
   skipped`` and the reason): written per field, the JSON last, so a re-run (or another shard) skips finished fields;
 - ``viewer/{ID}.png`` per field and ``viewer/index.html`` (:mod:`hpa.viewer.page`);
 - ``submission.csv`` (the competition's format, :mod:`hpa.eval.submission`), ``cell_predictions.csv``
-  (``ID, cell_id, x0, y0, x1, y1, area, conf0..conf18, top_class, top_class_name, top_confidence``;
-  top class = argmax of the 19 confidences) and ``skipped.csv`` (``ID, reason``): written once every
+  (``ID, cell_id, x0, y0, x1, y1, area, conf0..conf18, top_class, top_class_name, top_confidence,
+  rank0..rank18``; top class = argmax of the 19 confidences; ``rank*``: the ranking confidences of
+  ``predict.rank_combine``, comparable between fields, for ranking all cells by one class) and ``skipped.csv`` (``ID, reason``): written once every
   field is finished, by whichever call (or shard) finishes last;
 - ``settings.json`` (the fields' folder, the run, the cycle, the models' checksums, the rule, the
   segmenter; resuming with others is an error unless ``force``), ``config.yaml`` (the run's
@@ -45,6 +46,7 @@ from hpa.cells.combine import needs_cell_probs, needs_image_probs
 from hpa.config import Settings
 from hpa.constants import CLASS_NAMES, IMAGE_EXTENSIONS, NUM_CLASSES
 from hpa.io.errors import InputError, check_same_settings
+from hpa.pipeline.predict import CONF_COLS, RANK_COLS  # the confidences as stage 06 names them
 from hpa.utils.fs import atomic_path, write_csv, write_json, write_parquet
 from hpa.utils.parallel import map_jobs
 from hpa.utils.shards import select_shard
@@ -52,10 +54,10 @@ from hpa.utils.timing import StepTimer
 
 log = logging.getLogger(__name__)
 
-CONF_COLS = [f"conf{c}" for c in range(NUM_CLASSES)]
-CELL_COLS = ["ID", "cell_id", "x0", "y0", "x1", "y1", "area", "rel_area", "touches_border"] + CONF_COLS + ["mask"]
+CELL_COLS = (["ID", "cell_id", "x0", "y0", "x1", "y1", "area", "rel_area", "touches_border"] + CONF_COLS + RANK_COLS
+             + ["mask"])
 PREDICTION_COLS = (["ID", "cell_id", "x0", "y0", "x1", "y1", "area"] + CONF_COLS
-                   + ["top_class", "top_class_name", "top_confidence"])
+                   + ["top_class", "top_class_name", "top_confidence"] + RANK_COLS)
 #: Steps timed per field (``seconds`` of ``fields/{ID}.json``), in order.
 STEPS = ("read", "segment", "geometry", "image_model", "crops", "cell_model", "combine", "write", "viewer")
 
@@ -138,12 +140,12 @@ def prediction_signature(run: Path, cfg: Settings, cycle: int, segmenter: str, s
     from hpa.pipeline.cams import file_sha1
 
     p = cfg.predict
-    uses_image = needs_image_probs(p.combine, p.negative)
+    uses_image = needs_image_probs(p.combine, p.negative) or needs_image_probs(p.rank_combine, p.negative)
     return {"fields": str(Path(folder).resolve()), "run": str(Path(run).resolve()), "cycle": int(cycle),
             "cell_model_sha1": file_sha1(cell_model_path(run, cycle)),
             "image_model_sha1": file_sha1(image_model_path(run)) if uses_image else None,
-            "combine": p.combine, "negative": p.negative, "small_cell_penalty": p.small_cell_penalty,
-            "image_tta_flip": cfg.cam.tta_flip if uses_image else None, "cell_tta_flip": cfg.cell_model.tta_flip,
+            "combine": p.combine, "rank_combine": p.rank_combine, "negative": p.negative,
+            "small_cell_penalty": p.small_cell_penalty, "image_tta_flip": cfg.cam.tta_flip if uses_image else None, "cell_tta_flip": cfg.cell_model.tta_flip,
             "segmenter": segmenter, "segmenter_settings": {k: v for k, v in segmenter_kw.items() if k != "device"},
             "viewer_size": int(viewer_size)}
 
@@ -214,6 +216,7 @@ def _field_job(image_id: str) -> dict:
         table = ans.cells[["cell_id", "x0", "y0", "x1", "y1", "area", "rel_area", "touches_border"]].copy()
         table.insert(0, "ID", image_id)
         table[CONF_COLS] = ans.conf
+        table[RANK_COLS] = ans.rank
         table["mask"] = cell_mask_strings(cells, table["cell_id"].to_numpy()) if len(table) else []
         parquet, record = field_record_paths(out, image_id)
         write_parquet(parquet, table[CELL_COLS])
@@ -295,9 +298,12 @@ def _worker_spec(run: Path, cycle: int, cfg: Settings, folder: Path, out: Path, 
     p = cfg.predict
     return {"out": str(out), "folder": str(folder), "skip_bad": cfg.on_bad_image == "skip",
             "viewer_size": int(viewer_size), "workers": workers, "segmenter": seg_name, "segmenter_kw": seg_kw,
-            "cell_model": str(cell_model_path(run, cycle)) if needs_cell_probs(p.combine) else None,
-            "image_model": str(image_model_path(run)) if needs_image_probs(p.combine, p.negative) else None,
-            "predictor": {"combine": p.combine, "negative": p.negative, "small_cell_penalty": p.small_cell_penalty,
+            "cell_model": (str(cell_model_path(run, cycle)) if needs_cell_probs(p.combine)
+                           or needs_cell_probs(p.rank_combine) else None),
+            "image_model": (str(image_model_path(run)) if needs_image_probs(p.combine, p.negative)
+                            or needs_image_probs(p.rank_combine, p.negative) else None),
+            "predictor": {"combine": p.combine, "rank_combine": p.rank_combine, "negative": p.negative,
+                          "small_cell_penalty": p.small_cell_penalty,
                           "image_tta_flip": cfg.cam.tta_flip, "cell_tta_flip": cfg.cell_model.tta_flip,
                           "batch_size": cfg.cell_model.predict_batch_size, "amp": cfg.cell_model.amp,
                           "device": device}}
@@ -317,7 +323,8 @@ def _compare_segmenter(run: Path, name: str) -> None:
 def _about(run: Path, cycle: int, cfg: Settings) -> str:
     p = cfg.predict
     rule = {"cell": "the cell model's probabilities", "product": "cell probability x image probability",
-            "mean": "the mean of cell and image probabilities", "image": "the image probabilities"}[p.combine]
+            "mean": "the mean of cell and image probabilities", "image": "the image probabilities",
+            "product_max": "cell probability x image probability x the field's highest cell probability"}[p.combine]
     return (f"Answers of the cycle-{cycle} cell model of run {Path(run).resolve()}: confidence = {rule} (Negative: "
             f"{p.negative}){', lowered for small cells and cells cut by the border' if p.small_cell_penalty else ''}.")
 
@@ -359,7 +366,7 @@ def write_outputs(out: str | os.PathLike, ids: list[str], viewer: bool = True, a
                 yield image_id, rec["width"], rec["height"], ""
                 continue
             conf = table[CONF_COLS].to_numpy(np.float32)
-            pred_rows.write(table, conf)
+            pred_rows.write(table, conf, table[RANK_COLS].to_numpy(np.float32))
             if viewer:
                 pages.append(ViewerField(image_id, f"{image_id}.png", rec["width"], rec["height"],
                                          table["cell_id"].to_numpy(), table["area"].to_numpy(), conf))
@@ -396,14 +403,14 @@ class _PredictionWriter:
         self._w.writerow(PREDICTION_COLS)
         return self
 
-    def write(self, table: pd.DataFrame, conf: np.ndarray) -> None:
+    def write(self, table: pd.DataFrame, conf: np.ndarray, rank: np.ndarray) -> None:
         if not len(table):
             return
         top = conf.argmax(1)
         geo = table[["ID", "cell_id", "x0", "y0", "x1", "y1", "area"]].itertuples(index=False)
-        for (image_id, cid, x0, y0, x1, y1, area), row, c in zip(geo, conf, top):
+        for (image_id, cid, x0, y0, x1, y1, area), row, c, r in zip(geo, conf, top, rank):
             self._w.writerow([image_id, int(cid), int(x0), int(y0), int(x1), int(y1), int(area)]
-                             + [str(v) for v in row] + [int(c), CLASS_NAMES[c], str(row[c])])
+                             + [str(v) for v in row] + [int(c), CLASS_NAMES[c], str(row[c])] + [str(v) for v in r])
 
     def __exit__(self, *exc):
         self._f.close()

@@ -23,7 +23,7 @@ from hpa.eval.score import score_submission
 from hpa.eval.submission import read_submission
 from hpa.io.errors import InputError
 from hpa.io.fields import read_field
-from hpa.pipeline.predict_new import CONF_COLS, PREDICTION_COLS, find_fields, predict_new
+from hpa.pipeline.predict_new import CONF_COLS, PREDICTION_COLS, RANK_COLS, find_fields, predict_new
 from hpa.segment import get_segmenter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,13 @@ def test_the_runs_own_test_split_gives_its_submission(quick, tmp_path):
     theirs, ours = _triples(run / "submission.csv"), _triples(out / "submission.csv")
     assert set(ours) == set(theirs) and len(ours) == 19 * len(pd.read_parquet(run / "predictions_test.parquet"))
     assert max(abs(ours[k] - theirs[k]) for k in ours) < 1e-6
+    # the ranking confidences (predict.rank_combine, product_max by default) equal stage 06's rank* columns
+    mine = pd.read_csv(out / "cell_predictions.csv", dtype={"ID": str})
+    run_preds = pd.read_parquet(run / "predictions_test.parquet")
+    both = mine.merge(run_preds, on=["ID", "cell_id"], suffixes=("", "_06"))
+    assert len(both) == len(mine) == len(run_preds) and _cfg(run).predict.rank_combine == "product_max"
+    np.testing.assert_allclose(both[RANK_COLS].to_numpy(), both[[f"{c}_06" for c in RANK_COLS]].to_numpy(),
+                               rtol=0, atol=1e-6)
     # the score: the quick profile's cell model gives every cell the same probabilities, so the cells tie and the
     # raw mAP hangs on the order of values 1e-8 apart (batches of another size); compared at 4 decimals
     a = score_submission(_rounded(run / "submission.csv", tmp_path / "a.csv"), data)[0].map
