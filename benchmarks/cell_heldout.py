@@ -83,6 +83,31 @@ def prepare(run: Path, work: Path, n: int, seed: int, workers: int) -> tuple[Pat
     return data, wrun
 
 
+@dataclasses.dataclass
+class HeldOut:
+    """A held-out set ready to score: its data and work run, the work run's settings, its test cell
+    table (no isolated-cell view), the cell crops and their index, and the seconds it took."""
+
+    data: Path
+    wrun: Path
+    cfg: object
+    table: object
+    crops: object
+    index: object
+    seconds: float
+
+
+def open_heldout(run: Path, n: int, seed: int, workers: int, work: str | None = None) -> HeldOut:
+    """:func:`prepare` the held-out set of ``run`` (``work``: default ``RUN/heldout_seed{seed}``), then build
+    its test cell table and cell crops (both kept in the work run and reused)."""
+    t = time.perf_counter()
+    data, wrun = prepare(run, Path(work) if work else run / f"heldout_seed{seed}", n, seed, workers)
+    cfg = load_run_config(wrun)
+    table = cell_table(wrun, data, "test", cfg.pseudo.topk_frac, cfg.pseudo.work_size, view=False)
+    crops, index = split_cache(wrun, data, "test", cfg.cell_model, workers)
+    return HeldOut(data, wrun, cfg, table, crops, index, time.perf_counter() - t)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a finished run (stages 01-05) on synthetic data")
@@ -98,15 +123,11 @@ def main(argv=None):
     models = parse_models(run, args.model)
     if not models:
         sys.exit(f"{run} has no cell models yet (stage 05) and no --model was given")
-    work = Path(args.work) if args.work else run / f"heldout_seed{args.seed}"
-    t = time.perf_counter()
-    data, wrun = prepare(run, work, args.n, args.seed, args.workers)
-    cfg = load_run_config(wrun)
-    p, sc = cfg.predict, cfg.pseudo
-    table = cell_table(wrun, data, "test", sc.topk_frac, sc.work_size, view=False)
-    crops, index = split_cache(wrun, data, "test", cfg.cell_model, args.workers)
+    h = open_heldout(run, args.n, args.seed, args.workers, args.work)
+    data, wrun, cfg, table, crops, index = h.data, h.wrun, h.cfg, h.table, h.crops, h.index
+    p = cfg.predict
     print(f"{run}: held-out set of {table['ID'].nunique()} fields, {len(table)} cells (seed {args.seed}; "
-          f"prepared in {time.perf_counter() - t:.0f} s); rule {p.combine}, negative {p.negative}")
+          f"prepared in {h.seconds:.0f} s); rule {p.combine}, negative {p.negative}")
 
     img = table[IMG_COLS].to_numpy(np.float32)
     quality = quality_factor(table["rel_area"], table["touches_border"]) if p.small_cell_penalty else None

@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from cell_heldout import parse_models, prepare
+from cell_heldout import open_heldout, parse_models
 
 from hpa.cells.combine import aligned_cell_probs, combine, quality_factor
 from hpa.cells.table import IMG_COLS
-from hpa.config import load_run_config
 from hpa.constants import CLASS_NAMES, NUM_CLASSES
 from hpa.engine.checkpoint import load_model
 from hpa.eval.benchmark import read_ground_truth, score_methods
 from hpa.eval.metric import MODES, cell_map
-from hpa.pipeline.cell_model import predict_cells, split_cache
-from hpa.pipeline.pseudo_labels import cell_table
+from hpa.pipeline.cell_model import predict_cells
 
 
 def true_labels_on_true_cells(gt: dict, modes=MODES) -> dict:
@@ -62,16 +59,12 @@ def main(argv=None):
     models = {k: v for k, v in parse_models(run, None).items() if k != "oracle"}
     if not models:
         sys.exit(f"{run} has no cell models yet (stage 05)")
-    work = Path(args.work) if args.work else run / f"heldout_seed{args.seed}"
-    t = time.perf_counter()
-    data, wrun = prepare(run, work, args.n, args.seed, args.workers)
-    cfg = load_run_config(wrun)
-    p, sc = cfg.predict, cfg.pseudo
-    table = cell_table(wrun, data, "test", sc.topk_frac, sc.work_size, view=False)
-    crops, index = split_cache(wrun, data, "test", cfg.cell_model, args.workers)
+    h = open_heldout(run, args.n, args.seed, args.workers, args.work)
+    data, wrun, cfg, table, crops, index = h.data, h.wrun, h.cfg, h.table, h.crops, h.index
+    p = cfg.predict
     gt = read_ground_truth(data, "test")
     print(f"{run}: held-out set of {len(gt)} fields, {len(table)} cells (seed {args.seed}; prepared in "
-          f"{time.perf_counter() - t:.0f} s); negative {p.negative}, small-cell penalty {p.small_cell_penalty}")
+          f"{h.seconds:.0f} s); negative {p.negative}, small-cell penalty {p.small_cell_penalty}")
 
     img = table[IMG_COLS].to_numpy(np.float32)
     quality = quality_factor(table["rel_area"], table["touches_border"]) if p.small_cell_penalty else None
