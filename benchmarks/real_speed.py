@@ -33,29 +33,20 @@ CHANNELS = ("red", "green", "blue", "yellow")
 
 
 def layout(out: Path, copies: int) -> list[str]:
-    """``out/{train,test}/`` symlinks and ``train.csv`` / ``test.csv``; returns the IDs."""
+    """``out/{train,test}/`` symlinks to the 2048-px real fields and ``train.csv`` / ``test.csv``; returns the IDs."""
+    from PIL import Image
+
+    from hpa.io.layout import link_layout
+
     labels = pd.read_csv(SHARED / "hpa_real" / "labels.csv", dtype=str)
     sources = [(SHARED / "hpa_real" / "images", i, lab) for i, lab in zip(labels["ID"], labels["Label"])]
     sources.append((SHARED / "hpa_portal_jpg", "800_A6_1", "0|16"))  # the website field: labels given here
-    from PIL import Image
-
-    rows = []
+    fields = []
     for folder, image_id, lab in sources:
-        red = next(folder.glob(f"{image_id}_red.*"))
-        with Image.open(red) as im:
-            if im.size != (2048, 2048):
-                continue
-        for k in range(copies):
-            new_id = f"{image_id}-{k}"
-            for split in ("train", "test"):
-                (out / split).mkdir(parents=True, exist_ok=True)
-                for ch in CHANNELS:
-                    src = next(folder.glob(f"{image_id}_{ch}.*"))
-                    (out / split / f"{new_id}_{ch}{src.suffix}").symlink_to(src)
-            rows.append((new_id, lab))
-    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(out / "train.csv", index=False)
-    pd.DataFrame({"ID": [r[0] for r in rows]}).to_csv(out / "test.csv", index=False)
-    return [r[0] for r in rows]
+        with Image.open(next(folder.glob(f"{image_id}_red.*"))) as im:
+            if im.size == (2048, 2048):
+                fields.append((folder, image_id, lab))
+    return link_layout(out, fields, copies=copies)
 
 
 def run_stage(args: list[str], env: dict) -> tuple[float, float]:

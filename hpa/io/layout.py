@@ -141,3 +141,36 @@ def usable_images(folder: str | os.PathLike, ids: list[str], on_bad_image: str =
         except InputError as exc:
             bad[image_id] = str(exc)
     return [i for i in ids if i not in bad], bad
+
+
+def link_layout(out: str | os.PathLike, fields: Sequence[tuple[str | os.PathLike, str, str]], copies: int = 1,
+                splits: Sequence[str] = ("train", "test")) -> list[str]:
+    """A Kaggle-layout folder of symbolic links to fields that lie elsewhere (nothing is copied).
+
+    ``fields``: ``(folder, ID, label string)`` per field, whose channel files are
+    ``folder/{ID}_{red,green,blue,yellow}.*``. Each field is linked into ``out/{split}/`` for every
+    split of ``splits`` under ``copies`` IDs (its own ID when ``copies`` is 1, else ``{ID}-{k}``);
+    ``out/train.csv`` gets the IDs and labels, ``out/test.csv`` the IDs. Returns the IDs in order.
+    A missing channel file raises :class:`InputError` naming it.
+    """
+    from hpa.constants import CHANNELS
+
+    out = Path(out)
+    rows = []
+    for folder, image_id, label in fields:
+        sources = {}
+        for ch in CHANNELS:
+            found = sorted(Path(folder).glob(f"{image_id}_{ch}.*"))
+            if not found:
+                raise InputError(f"{Path(folder) / f'{image_id}_{ch}.*'}: channel file not found")
+            sources[ch] = found[0].resolve()
+        for k in range(copies):
+            new_id = image_id if copies == 1 else f"{image_id}-{k}"
+            for split in splits:
+                (out / split).mkdir(parents=True, exist_ok=True)
+                for ch, src in sources.items():
+                    (out / split / f"{new_id}_{ch}{src.suffix}").symlink_to(src)
+            rows.append((new_id, label))
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(out / "train.csv", index=False)
+    pd.DataFrame({"ID": [r[0] for r in rows]}).to_csv(out / "test.csv", index=False)
+    return [r[0] for r in rows]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from shared_data import HPA_PORTAL, HPA_REAL, needs
 
-from hpa.constants import CHANNELS
+from hpa.io.layout import link_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The website fields have no labels; the test gives them some (any valid set does).
@@ -26,19 +26,7 @@ def real_layout(root: Path, copies: int = 1) -> tuple[Path, list[str]]:
     labels = pd.read_csv(HPA_REAL / "labels.csv", dtype=str)
     sources = [(HPA_REAL / "images", i, lab) for i, lab in zip(labels["ID"], labels["Label"])]
     sources += [(HPA_PORTAL, i, lab) for i, lab in PORTAL_LABELS.items()]
-    rows = []
-    for folder, image_id, lab in sources:
-        for k in range(copies):
-            new_id = image_id if copies == 1 else f"{image_id}-{k}"
-            for split in ("train", "test"):
-                (root / split).mkdir(parents=True, exist_ok=True)
-                for ch in CHANNELS:
-                    src = next(folder.glob(f"{image_id}_{ch}.*"))
-                    (root / split / f"{new_id}_{ch}{src.suffix}").symlink_to(src)
-            rows.append((new_id, lab))
-    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(root / "train.csv", index=False)
-    pd.DataFrame({"ID": [r[0] for r in rows]}).to_csv(root / "test.csv", index=False)
-    return root, [r[0] for r in rows]
+    return root, link_layout(root, sources, copies=copies)
 
 
 @pytest.mark.slow
