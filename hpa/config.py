@@ -106,6 +106,10 @@ def _merge_dicts(base: dict, override: dict, path: str = "") -> dict:
     return out
 
 
+#: A number in exponent notation without a dot (``1e-3``), which YAML 1.1 leaves a string.
+_SCIENTIFIC = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
+
+
 def _checked(value: Any, hint: Any, key: str, meta: dict) -> Any:
     """``value`` converted to the type ``hint`` (int -> float where a float is due), or ConfigError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -140,6 +144,8 @@ def _checked(value: Any, hint: Any, key: str, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 and 5E-4, without a dot, as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)

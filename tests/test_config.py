@@ -52,6 +52,11 @@ def test_types_choices_and_ranges_are_checked_when_merged():
     ok = build_config("default", overrides=["image_model.lr=1", "image_model.grad_clip=null", "predict.cycle=2"])
     assert ok.image_model.lr == 1.0 and isinstance(ok.image_model.lr, float)  # an int where a float is due
     assert ok.image_model.grad_clip is None and ok.predict.cycle == 2
+    # YAML 1.1 reads 1e-3 (no dot) as a string: on the command line and in a --config file it is a number all the same
+    sci = build_config("default", overrides=["image_model.lr=1e-3", "cell_model.lr=+5E-4", "pseudo.pos_min=2.5e-1"])
+    assert (sci.image_model.lr, sci.cell_model.lr, sci.pseudo.pos_min) == (0.001, 0.0005, 0.25)
+    with pytest.raises(ConfigError, match=r"'image_model.lr' must be a number, got '1e-3x'"):
+        build_config("default", overrides=["image_model.lr=1e-3x"])
     bad = {"image_model.epochs=two": r"'image_model.epochs' must be an integer, got 'two'",
            "image_model.epochs=0": r"'image_model.epochs' must be >= 1, got 0",
            "image_model.epochs=2.5": r"must be an integer, got 2.5",
@@ -125,3 +130,10 @@ def test_shards_partition_items():
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(ValueError, match="shard"):
             parse_shard(bad)
+
+
+def test_exponent_numbers_in_a_config_file(tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text("image_model:\n  lr: 1e-3\n  weight_decay: 5.0e-2\n")
+    cfg = build_config("default", config_file=f)
+    assert cfg.image_model.lr == 0.001 and cfg.image_model.weight_decay == 0.05
