@@ -324,6 +324,9 @@ class CellModelSettings(Section):
 
     cycle2_init: str = setting("image", "cycle 2 starts from: image (the image model, as cycle 1) | cycle1 (the "
                                         "cycle-1 cell model, trained on)", choices=("image", "cycle1"))
+    oof_folds: int = setting(0, "cycle 1: the training images' cell probabilities (cycle 2's second opinion) come "
+                                "from this many extra models, each trained without a 1/k share of the images and "
+                                "predicting its cells (0: from the cycle-1 model, which trained on them)", ge=0)
     crop_size: int = setting(64, "cell crops (cut from the full-res field) are resized to this square size", ge=16)
     margin: float = setting(0.1, "crop window: bbox grown by this fraction of its longest side on each side, made "
                                  "square", ge=0)

@@ -22,6 +22,7 @@ Pieces, each usable alone:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -37,7 +38,7 @@ from hpa.config import CellModelSettings, Settings
 from hpa.constants import NUM_CLASSES, PROB_COLS
 from hpa.io.errors import InputError
 from hpa.models.factory import cell_model_from_image_model
-from hpa.utils.fs import write_parquet
+from hpa.utils.fs import write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -150,27 +151,96 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
     log.info("%s: %d labelled cells (%d train, %d validation images' cells) of %d cached; classes %s",
              model_dir, len(rows), len(tr), len(va), len(index),
              np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
-    model, image_meta = _initial_model(run, s, cycle, oracle, cfg.seed)
     npy = run / "cell_cache" / f"train_{s.crop_size}.npy"
     val_rows = rows[va]
-    fit(model, FieldDataset(npy, rows[tr], targets[tr]),
-        FieldDataset(npy, val_rows, targets[va]) if len(va) else None, model_dir,
-        TrainSettings.of(s, task="multiclass", num_workers=s.loader_workers, seed=cfg.seed), device=device,
-        sample_weights=balanced_sample_weights(targets[tr], weights[tr], s.balance_power),
-        mean=image_meta["mean"], std=image_meta["std"],
-        augment=BatchAugment(flips=True, rot90=True, intensity=s.aug_intensity),
-        val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
-        extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
-                    "crop_size": s.crop_size, "margin": s.margin, "outside": s.outside, "dim_factor": s.dim_factor,
-                    "image_model": str(run / "image_model" / "model.pt"), "n_train": int(len(tr)),
-                    "n_val": int(len(va)), "seed": cfg.seed},
-        force=force, progress=progress)
+
+    def train(train_sel: np.ndarray, folder: Path, what: dict, force: bool = force) -> None:
+        model, image_meta = _initial_model(run, s, cycle, oracle, cfg.seed)
+        fit(model, FieldDataset(npy, rows[train_sel], targets[train_sel]),
+            FieldDataset(npy, val_rows, targets[va]) if len(va) else None, folder,
+            TrainSettings.of(s, task="multiclass", num_workers=s.loader_workers, seed=cfg.seed), device=device,
+            sample_weights=balanced_sample_weights(targets[train_sel], weights[train_sel], s.balance_power),
+            mean=image_meta["mean"], std=image_meta["std"],
+            augment=BatchAugment(flips=True, rot90=True, intensity=s.aug_intensity),
+            val_index=index.iloc[val_rows][["ID", "cell_id"]].reset_index(drop=True) if len(va) else None,
+            extra_meta={"cell_model": True, "cycle": None if oracle else cycle, "oracle": oracle,
+                        "crop_size": s.crop_size, "margin": s.margin, "outside": s.outside,
+                        "dim_factor": s.dim_factor, "image_model": str(run / "image_model" / "model.pt"),
+                        "n_train": int(len(train_sel)), "n_val": int(len(va)), "seed": cfg.seed, **what},
+            force=force, progress=progress)
+
+    train(tr, model_dir, {})
     if len(va) == 0:
         log.warning("no labelled cells in the validation images: %s has no validation metrics", model_dir)
     written = {"model": out["model"]}
     written.update(main_first(lambda: _predict_splits(run, data_dir, s, out, (crops, index), oracle, cfg.num_workers,
                                                        device, force)) or {})
+    if cycle == 1 and not oracle and s.oof_folds > 1:
+        _out_of_fold(run, cfg, out, index, rows, tr, crops, train, device, force)
     return written
+
+
+def oof_folds(ids, k: int, seed: int) -> dict[str, int]:
+    """Each image ID's out-of-fold group ``0..k-1``: a seeded shuffle of the sorted IDs, dealt in turn."""
+    ids = sorted(set(map(str, ids)))
+    order = np.random.default_rng([seed, 7919]).permutation(len(ids))
+    return {ids[j]: pos % k for pos, j in enumerate(order)}
+
+
+def _out_of_fold(run: Path, cfg: Settings, out: dict, index: pd.DataFrame, rows: np.ndarray, tr: np.ndarray,
+                 crops: np.ndarray, train, device: str, force: bool) -> None:
+    """``cell_model.oof_folds`` k > 1: replace the training images' rows of ``cell_probs_train.parquet`` by the
+    probabilities of a model that did not train on that image (k models, ``cycle1/oof/fold{j}``).
+
+    A model's opinion of the cells it trained on echoes their pseudo-labels, wrong ones included;
+    cycle 2 weighs that opinion against the rule (``pseudo.cycle2.weight``) and fills the cells the
+    rule left out from it, so an opinion formed without those cells can correct them. The
+    validation fold's cells keep the cycle-1 model's probabilities (it never trained on them).
+    ``cycle1/oof.json`` records the folds; a re-run with the same k reuses the result.
+    """
+    from hpa.engine.distributed import main_first
+
+    s = cfg.cell_model
+    path, marker = out["probs_train"], out["probs_train"].parent / "oof.json"
+    if marker.is_file() and not force and marker.stat().st_mtime >= out["model"].stat().st_mtime:
+        done = json.loads(marker.read_text())
+        if done.get("folds") == s.oof_folds:
+            log.info("%s is up to date (%d-fold out-of-fold); skipping", path, s.oof_folds)
+            return
+    index_ids = index["ID"].astype(str).to_numpy()
+    train_ids = index_ids[rows[tr]]
+    group = oof_folds(train_ids, s.oof_folds, cfg.seed)
+    row_group = np.array([group.get(i, -1) for i in index_ids])  # -1: validation-fold (or unlabelled-only) images
+    label_group = row_group[rows[tr]]
+    fold_dirs = [path.parent / "oof" / f"fold{j}" for j in range(s.oof_folds)]
+    for j, folder in enumerate(fold_dirs):
+        log.info("cycle 1 out-of-fold model %d/%d: trains without %d of %d training images", j + 1, s.oof_folds,
+                 sum(g == j for g in group.values()), len(group))
+        done = folder / "cell_model" / "model.pt"
+        stale = done.is_file() and done.stat().st_mtime < out["model"].stat().st_mtime  # from an older cycle 1
+        train(tr[label_group != j], folder / "cell_model", {"oof_fold": j, "oof_folds": s.oof_folds}, force or stale)
+
+    def predict_and_merge():
+        from hpa.engine.checkpoint import load_model
+
+        probs = pd.read_parquet(path)
+        if not (probs["ID"].astype(str).to_numpy() == index_ids).all():
+            raise InputError(f"{path}: rows do not follow the crop cache's index; re-run stage 05 with --force")
+        values = probs[PROB_COLS].to_numpy(np.float32, copy=True)
+        for j, folder in enumerate(fold_dirs):
+            sel = np.flatnonzero(row_group == j)
+            model, meta = load_model(folder / "cell_model" / "model.pt", device)
+            fold_probs = predict_cells(model, meta, crops, index.iloc[sel], s.predict_batch_size, device, s.tta_flip,
+                                       s.amp)
+            values[sel] = fold_probs[PROB_COLS].to_numpy(np.float32)
+        probs[PROB_COLS] = values
+        write_parquet(path, probs)
+        write_json(marker, {"folds": s.oof_folds, "images": len(group),
+                            "cells_replaced": int((row_group >= 0).sum()), "cells": len(index)})
+        log.info("%s: %d of %d cells now from out-of-fold models (%d folds)", path, int((row_group >= 0).sum()),
+                 len(index), s.oof_folds)
+
+    main_first(predict_and_merge)
 
 
 def _training_cells(run: Path, data_dir: Path, index: pd.DataFrame, cycle: int | None, oracle: bool,

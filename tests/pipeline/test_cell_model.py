@@ -1,5 +1,6 @@
 """Cell model: labels (pseudo and oracle), targets, sampling weights, dataset, init, prediction, training."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from hpa.engine.trainer import fit
 from hpa.io.errors import InputError
 from hpa.io.fields import write_field, write_mask
 from hpa.models.factory import build_model, cell_model_from_image_model, model_output_stride
-from hpa.pipeline.cell_model import train_cell_stage
+from hpa.pipeline.cell_model import oof_folds, predict_cells, train_cell_stage
 
 
 @pytest.fixture(autouse=True)
@@ -239,3 +240,45 @@ def test_read_pseudo_labels_soft_targets(tmp_path):
     df.to_parquet(path)
     with pytest.raises(InputError, match="sum to 1"):
         read_pseudo_labels(path)
+
+
+def test_oof_folds_deal_images_evenly_and_reproducibly():
+    ids = [f"im{k}" for k in range(10)]
+    group = oof_folds(reversed(ids), 3, seed=0)
+    assert set(group) == set(ids) and sorted(np.bincount(list(group.values()))) == [3, 3, 4]
+    assert group == oof_folds(ids, 3, seed=0)  # the order the IDs come in does not matter
+    assert group != oof_folds(ids, 3, seed=1)
+
+
+def test_out_of_fold_cycle1_probabilities(tmp_path):
+    """cell_model.oof_folds=2: every training image's cells get the probabilities of the model that did
+    not train on that image; the validation images keep the cycle-1 model's; a re-run reuses them."""
+    run, cfg, _ = make_run(tmp_path, overrides=("cell_model.oof_folds=2",))
+    written = train_cell_stage(run, cfg, cycle=1, progress=False)
+    d = run / "cycle1"
+    probs = pd.read_parquet(written["probs_train"]).set_index(["ID", "cell_id"])
+    assert len(probs) == 18 and json.loads((d / "oof.json").read_text()) == {
+        "folds": 2, "images": 4, "cells_replaced": 12, "cells": 18}
+    crops, index = np.load(run / "cell_cache" / "train_32.npy"), pd.read_parquet(run / "cell_cache" / "train_32.parquet")
+    group = oof_folds(["train1", "train2", "train4", "train5"], 2, cfg.seed)
+    assert sorted(np.bincount(list(group.values()))) == [2, 2]
+
+    def expected(model_pt, image_id):
+        model, meta = load_model(model_pt)
+        rows = index[index["ID"] == image_id]
+        return predict_cells(model, meta, crops, rows).set_index(["ID", "cell_id"])[PROB_COLS]
+
+    for image_id, j in group.items():
+        fold_pt = d / "oof" / f"fold{j}" / "cell_model" / "model.pt"
+        _, meta = load_model(fold_pt)
+        assert meta["oof_fold"] == j and meta["n_train"] == 4  # 2 labelled cells in each of the 2 other images
+        want = expected(fold_pt, image_id)
+        np.testing.assert_allclose(probs.loc[want.index, PROB_COLS].to_numpy(), want.to_numpy(), atol=1e-6)
+        own = expected(written["model"], image_id)
+        assert not np.allclose(own.to_numpy(), want.to_numpy(), atol=1e-4)  # another model's opinion
+    for image_id in ("train0", "train3"):  # validation fold: the cycle-1 model never trained on them
+        want = expected(written["model"], image_id)
+        np.testing.assert_allclose(probs.loc[want.index, PROB_COLS].to_numpy(), want.to_numpy(), atol=1e-6)
+    stamp = {p: p.stat().st_mtime_ns for p in [*written.values(), d / "oof.json"]}
+    train_cell_stage(run, cfg, cycle=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
