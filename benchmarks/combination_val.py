@@ -8,7 +8,8 @@ ground truth of those training images (``DATA/gt``; a diagnostic, as in stage 04
 
     python benchmarks/combination_val.py --run runs/default
 
-Prints mAP per cell model (cycle 1, cycle 2) and rule (cell, product, mean, product_max),
+Prints the baselines without a cell model first (broadcast, the CAM score at each ``--cam-gamma``,
+the isolated-cell view), then mAP per cell model (cycle 1, cycle 2) and rule (cell, product, mean, product_max),
 Negative by ``max``, with the small-cell penalty as in stage 06, in the ``oid`` mode (the
 competition's: chooses ``predict.combine``, the submission) and the ``strict`` mode (ranking all
 cells by one class: chooses ``predict.rank_combine``). Two references from the truth: the true
@@ -25,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpa.cells.combine import aligned_cell_probs, combine, quality_factor
-from hpa.cells.table import IMG_COLS
+from hpa.cells.combine import aligned_cell_probs, cam_confidences, combine, quality_factor, view_confidences
+from hpa.cells.table import IMG_COLS, VIEW_COLS
 from hpa.config import load_run_config
 from hpa.eval.benchmark import read_ground_truth
 from hpa.eval.metric import MODES, cell_images, score_images
@@ -38,6 +39,8 @@ RULES = ("cell", "product", "mean", "product_max")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a finished run (stages 01-05) on data with gt/")
+    ap.add_argument("--cam-gamma", type=float, nargs="+", default=[1.0],
+                    help="exponents of the CAM baseline's cell score (hpa.cells.combine.cam_confidences)")
     args = ap.parse_args(argv)
     run = Path(args.run)
     cfg = load_run_config(run)
@@ -69,6 +72,15 @@ def main(argv=None):
     print(f"{run}: {len(gt)} validation-fold images, {len(table)} cells")
     ref = score(has.astype(np.float32))
     print("true image labels on every cell: " + ", ".join(f"{m} {v:.4f}" for m, v in ref.items()))
+    base = {"broadcast": combine(img, None, "image", "max", quality)}
+    for g in args.cam_gamma:
+        base[f"cam, gamma {g:g}"] = cam_confidences(table, cfg.pseudo.score, quality, g)
+    if VIEW_COLS[0] in table.columns:
+        base["cellview"] = view_confidences(table, quality)
+    print(f"\n{'baselines (no cell model)':28s} " + " ".join(f"{m:>8s}" for m in MODES))
+    for name, conf in base.items():
+        v = score(conf)
+        print(f"{name:28s} " + " ".join(f"{v[m]:8.4f}" for m in MODES))
     for cycle in ("cycle1", "cycle2"):
         path = run / cycle / "cell_probs_train.parquet"
         if not path.is_file():

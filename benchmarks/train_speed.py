@@ -115,7 +115,8 @@ def _sync(device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="efficientnet-b0", help="model name (hpa.models.factory.available_models())")
+    ap.add_argument("--arch", nargs="+", default=["efficientnet-b0"],
+                    help="model names (hpa.models.factory.available_models()); several: timed side by side, same data")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="input sizes in pixels")
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--steps", type=int, default=5, help="timed training/inference steps per setting")
@@ -146,12 +147,12 @@ def main(argv=None):
         sources.append((f"synthetic {args.synth_size} px", out / "train", ids))
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; arch {args.arch}, batch {args.batch}, {args.workers} loader workers")
+          f"torch {torch.__version__}; arch {', '.join(args.arch)}, batch {args.batch}, {args.workers} loader workers")
     for name, folder, ids in sources:
         first = read_field(folder, ids[0])
         print(f"\n== {name}: {len(ids)} fields of {first.shape[2]}x{first.shape[1]} px ({first.dtype})")
-        print(f"{'device':6} {'size':>5} {'load cache':>11} {'load png':>10} {'train cache':>12} {'train png':>10} "
-              f"{'infer':>8}   (images/s)")
+        print(f"{'device':6} {'size':>5} {'arch':>18} {'load cache':>11} {'load png':>10} {'train cache':>12} "
+              f"{'train png':>10} {'infer':>8}   (images/s)")
         for size in args.sizes:
             cpath = Path(tmp.name) / f"{abs(hash(str(folder)))}_{size}.npy"
             t = time.perf_counter()
@@ -165,14 +166,17 @@ def main(argv=None):
             for device in devices:
                 mean = torch.full((1, 4, 1, 1), 0.1, device=device)
                 std = torch.full((1, 4, 1, 1), 0.2, device=device)
-                model = build_model(args.arch, image_size=size, output_stride=16).to(device)
-                model = model.to(memory_format=torch.channels_last)
-                tr_c = time_training(model, cache_ds, args.batch, args.workers, args.steps, device, args.amp, mean, std)
-                tr_p = time_training(model, png_ds, args.batch, args.workers, args.steps, device, args.amp, mean, std)
-                inf = time_inference(model, cache_ds, args.batch, args.workers, args.steps, device, args.amp, mean,
-                                     std)
-                print(f"{device:6} {size:5d} {load_c:11.1f} {load_p:10.1f} {tr_c:12.2f} {tr_p:10.2f} {inf:8.2f}",
-                      flush=True)
+                for arch in args.arch:  # one after the other on the same batches: their ratio is the figure
+                    model = build_model(arch, image_size=size, output_stride=16).to(device)
+                    model = model.to(memory_format=torch.channels_last)
+                    tr_c = time_training(model, cache_ds, args.batch, args.workers, args.steps, device, args.amp, mean,
+                                         std)
+                    tr_p = time_training(model, png_ds, args.batch, args.workers, args.steps, device, args.amp, mean,
+                                         std)
+                    inf = time_inference(model, cache_ds, args.batch, args.workers, args.steps, device, args.amp,
+                                         mean, std)
+                    print(f"{device:6} {size:5d} {arch:>18} {load_c:11.1f} {load_p:10.1f} {tr_c:12.2f} {tr_p:10.2f} "
+                          f"{inf:8.2f}", flush=True)
             print(f"       (cache of {len(ids)} fields at {size} px built once in {build_s:.1f} s)")
     tmp.cleanup()
 

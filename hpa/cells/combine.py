@@ -131,13 +131,19 @@ def rule_confidences(img_probs: np.ndarray | None, cell_probs: np.ndarray | None
     return combine(img_probs, cell_probs, method, negative, quality, image_ids)
 
 
-def cam_confidences(table: pd.DataFrame, score: str = "topk_mean", quality: np.ndarray | None = None) -> np.ndarray:
-    """The CAM baseline: ``conf_c = CAM score_c x P_image,c`` (N, 19); Negative as
-    ``min_complement`` of the classes (a cell with no CAM signal is Negative)."""
+def cam_confidences(table: pd.DataFrame, score: str = "topk_mean", quality: np.ndarray | None = None,
+                    gamma: float = 1.0) -> np.ndarray:
+    """The CAM baseline: ``conf_c = CAM score_c ** gamma x P_image,c`` (N, 19); Negative as
+    ``min_complement`` of the classes (a cell with no CAM signal is Negative).
+
+    The CAM score is relative to the image's own peak (1 for its strongest cell), so it orders
+    cells within an image and says nothing about how sure the image is; ``gamma`` < 1 lets the
+    image probability keep more of the order between images (0: broadcast, ties broken by
+    nothing)."""
     cols = CAM_TOPK_COLS if score == "topk_mean" else CAM_MEAN_COLS
-    cam = np.nan_to_num(table[cols].to_numpy(np.float32), nan=0.0)
+    cam = np.clip(np.nan_to_num(table[cols].to_numpy(np.float32), nan=0.0), 0, None)
     img = table[IMG_COLS].to_numpy(np.float32)
-    conf = cam * img
+    conf = (cam ** np.float32(gamma) if gamma != 1 else cam) * img
     conf[:, NEGATIVE] = (1 - conf[:, :NEGATIVE]).min(1)
     if quality is not None:
         conf *= np.asarray(quality, np.float32)[:, None]
