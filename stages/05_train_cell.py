@@ -22,7 +22,7 @@ from pathlib import Path
 from hpa.config import add_common_args, resolve_device, setup_run
 from hpa.engine.distributed import init_distributed, is_main_process
 from hpa.eval.gt import has_gt
-from hpa.pipeline.cell_model import outputs, train_cell_stage
+from hpa.pipeline.cell_model import outputs, stale_out_of_fold, train_cell_stage
 from hpa.pipeline.cli import run_stage
 from hpa.utils.timing import stage_timer
 
@@ -48,10 +48,12 @@ def run(args):
     if args.oracle and not has_gt(cfg.data):  # real data: no truth, no upper bound; the report says so
         print(f"oracle skipped: {Path(cfg.data) / 'gt' / 'cell_labels.csv'} not found (the oracle needs true cell labels)")
         return
-    wanted = outputs(args.run, args.cycle, args.oracle)
+    folds = cfg.cell_model.oof_folds
+    wanted = outputs(args.run, args.cycle, args.oracle, folds)
     if not (Path(args.run) / "masks" / "test").is_dir():
         wanted.pop("probs_test")
-    if not args.force and all(p.is_file() for p in wanted.values()):
+    done = all(p.is_file() for p in wanted.values()) and not stale_out_of_fold(args.run, args.cycle, args.oracle, folds)
+    if not args.force and done:
         print(f"{name} cell model and probabilities exist in {wanted['model'].parents[1]}; use --force to redo")
         return
     with stage_timer(args.run, f"05_train_cell_{name}") if is_main_process() else nullcontext():

@@ -99,13 +99,21 @@ def stage_dir(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -
     return Path(run) / f"cycle{cycle}"
 
 
-def outputs(run: str | os.PathLike, cycle: int | None, oracle: bool = False) -> dict[str, Path]:
-    """The files stage 05 writes: ``model`` (cell_model/model.pt) and ``probs_{split}``."""
+def outputs(run: str | os.PathLike, cycle: int | None, oracle: bool = False, oof_folds: int = 0) -> dict[str, Path]:
+    """The files stage 05 writes: ``model`` (cell_model/model.pt), ``probs_{split}`` and, for cycle 1 with
+    ``cell_model.oof_folds`` > 1, ``oof`` (``cycle1/oof.json``: the train probabilities are out-of-fold)."""
     d = stage_dir(run, cycle, oracle)
     out = {"model": d / "cell_model" / "model.pt", "probs_test": d / "cell_probs_test.parquet"}
     if not oracle:
         out["probs_train"] = d / "cell_probs_train.parquet"
+    if not oracle and cycle == 1 and oof_folds > 1:
+        out["oof"] = d / "oof.json"
     return out
+
+
+def stale_out_of_fold(run: str | os.PathLike, cycle: int | None, oracle: bool, oof_folds: int) -> bool:
+    """True when cycle 1's train probabilities are out-of-fold but ``oof_folds`` now asks for the model's own."""
+    return not oracle and cycle == 1 and oof_folds <= 1 and (stage_dir(run, 1) / "oof.json").is_file()
 
 
 def split_cache(run: Path, data_dir: Path, split: str, s: CellModelSettings,
@@ -142,8 +150,13 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
 
     s = cfg.cell_model
     run, data_dir = Path(run), Path(cfg.data)
-    out = outputs(run, cycle, oracle)
+    out = outputs(run, cycle, oracle, s.oof_folds)
     model_dir = out["model"].parent
+    if stale_out_of_fold(run, cycle, oracle, s.oof_folds):  # oof_folds switched off: the model's own opinion again
+        log.info("%s holds out-of-fold probabilities; cell_model.oof_folds=%d: predicting with the cycle-1 model",
+                 out["probs_train"], s.oof_folds)
+        out["probs_train"].unlink(missing_ok=True)
+        (model_dir.parent / "oof.json").unlink()
     init_distributed(device)
     main_first(lambda: split_cache(run, data_dir, "train", s, cfg.num_workers))  # the others wait, no time limit
     crops, index = split_cache(run, data_dir, "train", s, 0)
@@ -175,8 +188,9 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
     written = {"model": out["model"]}
     written.update(main_first(lambda: _predict_splits(run, data_dir, s, out, (crops, index), oracle, cfg.num_workers,
                                                        device, force)) or {})
-    if cycle == 1 and not oracle and s.oof_folds > 1:
+    if "oof" in out:
         _out_of_fold(run, cfg, out, index, rows, tr, crops, train, device, force)
+        written["oof"] = out["oof"]
     return written
 
 
@@ -201,7 +215,7 @@ def _out_of_fold(run: Path, cfg: Settings, out: dict, index: pd.DataFrame, rows:
     from hpa.engine.distributed import main_first
 
     s = cfg.cell_model
-    path, marker = out["probs_train"], out["probs_train"].parent / "oof.json"
+    path, marker = out["probs_train"], out["oof"]
     if marker.is_file() and not force and marker.stat().st_mtime >= out["model"].stat().st_mtime:
         done = json.loads(marker.read_text())
         if done.get("folds") == s.oof_folds:

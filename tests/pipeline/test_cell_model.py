@@ -279,6 +279,17 @@ def test_out_of_fold_cycle1_probabilities(tmp_path):
     for image_id in ("train0", "train3"):  # validation fold: the cycle-1 model never trained on them
         want = expected(written["model"], image_id)
         np.testing.assert_allclose(probs.loc[want.index, PROB_COLS].to_numpy(), want.to_numpy(), atol=1e-6)
-    stamp = {p: p.stat().st_mtime_ns for p in [*written.values(), d / "oof.json"]}
+    assert written["oof"] == d / "oof.json"
+    stamp = {p: p.stat().st_mtime_ns for p in written.values()}
     train_cell_stage(run, cfg, cycle=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # the stage script skips a finished out-of-fold cycle 1, and redoes the train probabilities without it
+    save_config(run, cfg)
+    stage = load_stage()
+    stage.main(["--run", str(run), "--cycle", "1", "cell_model.oof_folds=2"])
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    stage.main(["--run", str(run), "--cycle", "1", "cell_model.oof_folds=0"])
+    assert not (d / "oof.json").exists() and written["model"].stat().st_mtime_ns == stamp[written["model"]]
+    own = pd.read_parquet(written["probs_train"]).set_index(["ID", "cell_id"])
+    want = expected(written["model"], "train1")
+    np.testing.assert_allclose(own.loc[want.index, PROB_COLS].to_numpy(), want.to_numpy(), atol=1e-6)
