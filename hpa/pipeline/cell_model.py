@@ -166,12 +166,14 @@ def train_cell_stage(run: str | os.PathLike, cfg: Settings, cycle: int | None = 
              np.bincount(targets.argmax(1), minlength=NUM_CLASSES).tolist())
     npy = run / "cell_cache" / f"train_{s.crop_size}.npy"
     val_rows = rows[va]
+    epochs = s.cycle2_epochs if (oracle or cycle == 2) and s.cycle2_epochs else s.epochs
 
     def train(train_sel: np.ndarray, folder: Path, what: dict, force: bool = force) -> None:
         model, image_meta = _initial_model(run, s, cycle, oracle, cfg.seed)
         fit(model, FieldDataset(npy, rows[train_sel], targets[train_sel]),
             FieldDataset(npy, val_rows, targets[va]) if len(va) else None, folder,
-            TrainSettings.of(s, task="multiclass", num_workers=s.loader_workers, seed=cfg.seed), device=device,
+            TrainSettings.of(s, task="multiclass", num_workers=s.loader_workers, seed=cfg.seed, epochs=epochs),
+            device=device,
             sample_weights=balanced_sample_weights(targets[train_sel], weights[train_sel], s.balance_power),
             mean=image_meta["mean"], std=image_meta["std"],
             augment=BatchAugment(flips=True, rot90=True, intensity=s.aug_intensity),

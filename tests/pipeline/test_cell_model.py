@@ -17,7 +17,7 @@ from hpa.cells.targets import (
     read_pseudo_labels,
     soft_targets,
 )
-from hpa.config import save_config
+from hpa.config import build_config, save_config
 from hpa.constants import PROB_COLS, TARGET_COLS
 from hpa.data.cache import FieldDataset
 from hpa.engine.checkpoint import load_model
@@ -293,3 +293,13 @@ def test_out_of_fold_cycle1_probabilities(tmp_path):
     own = pd.read_parquet(written["probs_train"]).set_index(["ID", "cell_id"])
     want = expected(written["model"], "train1")
     np.testing.assert_allclose(own.loc[want.index, PROB_COLS].to_numpy(), want.to_numpy(), atol=1e-6)
+
+
+def test_cycle2_epochs_apply_to_cycle2_and_the_oracle_only(tmp_path):
+    """cell_model.cycle2_epochs: cycle 2 and the oracle train on every cell, cycle 1 keeps cell_model.epochs."""
+    run, cfg, _ = make_run(tmp_path, overrides=("cell_model.epochs=1", "cell_model.cycle2_epochs=2"))
+    train_cell_stage(run, cfg, cycle=1, progress=False)
+    train_cell_stage(run, cfg, oracle=True, progress=False)
+    assert len(pd.read_csv(run / "cycle1" / "cell_model" / "metrics.csv")) == 1
+    assert len(pd.read_csv(run / "oracle" / "cell_model" / "metrics.csv")) == 2
+    assert build_config("hard").cell_model.cycle2_epochs == 12 and build_config().cell_model.cycle2_epochs is None
