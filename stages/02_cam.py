@@ -57,7 +57,7 @@ def run(args):
                     args.run, cfg.data, split, model, meta, method=c.method, batch_size=c.batch_size,
                     tta_flip=c.tta_flip, prob_floor=c.test_prob_floor, device=device, shard=shard,
                     force=args.force, workers=workers, on_bad_image=cfg.on_bad_image,
-                    signature={"model_sha1": file_sha1(model_path)}, amp=cfg.image_model.amp)
+                    signature={"model_sha1": file_sha1(model_path)}, amp=cfg.image_model.amp, scale=c.scale)
                 print(f"cams {split}: {stats['computed']} computed, {stats['done_before']} done before, "
                       f"{stats['skipped']} skipped" + ("" if stats["complete"] else " (incomplete: other shards)"))
             n = draw_split_overlays(args.run, cfg.data, split, c.overlay_max_images,

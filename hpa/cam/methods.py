@@ -273,9 +273,35 @@ def select_classes(probs: np.ndarray, labels: Sequence[int] | None = None, prob_
     return [int(c) for c in np.flatnonzero(np.asarray(probs) >= prob_floor)]
 
 
+def field_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False, tile: int | None = None) -> np.ndarray:
+    """float32 ``(B, K)`` logits of a batch as :func:`compute_cams` gives them (flips averaged, tiles
+    as ``logit(mean tile probability)``), without maps."""
+    from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles, prob_logit
+
+    with torch.inference_mode(), _eval_mode(model):
+        views = _FLIPS if tta_flip else _FLIPS[:1]
+        tiled = needs_tiles(x, tile)
+        xin = make_tiles(x, int(tile))[0] if tiled else x
+        logits = torch.stack([model(f(xin)).float() for f, _ in views]).mean(0)
+        if tiled:
+            logits = prob_logit(mean_tile_probs(logits, x.shape[0]))
+    return logits.cpu().numpy().astype(np.float32)
+
+
+def enlarge(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A batch ``(B, C, H, W)`` resized (bilinear) to ``(round(H s), round(W s))``; ``scale`` 1: ``x`` itself."""
+    if scale == 1:
+        return x
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    h, w = x.shape[-2:]
+    return torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                           mode="bilinear", align_corners=False)
+
+
 def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: Sequence[Sequence[int]] | None = None,
                prob_floor: float = 0.0, tta_flip: bool = False, target_layer: nn.Module | None = None,
-               autocast: torch.dtype | None = None, tile: int | None = None) -> list[ImageCams]:
+               autocast: torch.dtype | None = None, tile: int | None = None, scale: float = 1.0) -> list[ImageCams]:
     """:func:`compute_cams` with per-image class selection (:func:`select_classes`).
 
     Args:
@@ -283,28 +309,33 @@ def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: S
         labels: train: one list of class indices per image; test: None (all classes, or
             those with probability >= ``prob_floor``).
         tile: the model's training crop size, for tiled inference (:func:`compute_cams`).
+        scale: the maps come from the batch enlarged ``scale`` times (:func:`enlarge`; tiles keep
+            their side, so there are more of them), the logits and probabilities from the batch as
+            given, the scale the model was trained at. At ``scale`` > 1 a cell is larger than the
+            network's receptive field and spans more feature pixels: on the hard benchmark the
+            maps then separate an image's cells better (docs/cams.md, "Enlarged maps").
     Returns:
         B :class:`ImageCams`. ``cam`` computes all classes in one pass and keeps the selected
-        ones; grad-cam methods compute only the union of the batch's selected classes.
+        ones; grad-cam methods compute only the union of the batch's selected classes. The maps
+        are ``scale`` times as many feature pixels a side as at 1.
     """
     if labels is not None and len(labels) != x.shape[0]:
         raise ValueError(f"labels: expected {x.shape[0]} lists (one per image), got {len(labels)}")
-    wanted = None
+    wanted = pre = None
+    if scale != 1:  # the probabilities at the model's own scale
+        pre = field_logits(model, x, tta_flip, tile)
     if method != "cam":
         if labels is not None:
             wanted = sorted({int(c) for lab in labels for c in lab})
         elif prob_floor > 0:
-            from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles
-
-            with torch.inference_mode(), _eval_mode(model):  # the same logits compute_cams will give
-                views = _FLIPS if tta_flip else _FLIPS[:1]
-                tiled = needs_tiles(x, tile)
-                xin = make_tiles(x, int(tile))[0] if tiled else x
-                pre = torch.stack([model(f(xin)).float() for f, _ in views]).mean(0)
-                pre_probs = (mean_tile_probs(pre, x.shape[0]) if tiled else torch.sigmoid(pre)).cpu().numpy()
+            if pre is None:
+                pre = field_logits(model, x, tta_flip, tile)  # the same logits compute_cams will give
+            pre_probs = 1.0 / (1.0 + np.exp(-pre.astype(np.float64)))
             # a margin, so a class at the floor is not lost to rounding between the two passes
             wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor - 1e-4)})
-    logits, cams = compute_cams(model, x, method, wanted, tta_flip, target_layer, autocast, tile)
+    logits, cams = compute_cams(model, enlarge(x, scale), method, wanted, tta_flip, target_layer, autocast, tile)
+    if pre is not None and scale != 1:
+        logits = pre
     columns = list(range(logits.shape[1])) if wanted is None else wanted
     col_of = {c: i for i, c in enumerate(columns)}
     out = []

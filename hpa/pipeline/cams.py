@@ -91,7 +91,8 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
                        meta: dict, *, method: str = "cam", batch_size: int = 16, tta_flip: bool = False,
                        prob_floor: float = 0.0, device: str = "cpu", shard: tuple[int, int] = (0, 1),
                        force: bool = False, workers: int = 0, on_bad_image: str = "error",
-                       signature: dict | None = None, progress: bool = True, amp: str = "auto") -> dict:
+                       signature: dict | None = None, progress: bool = True, amp: str = "auto",
+                       scale: float = 1.0) -> dict:
     """Compute and store the CAMs of every image of a split (or of one shard of it).
 
     Args:
@@ -121,6 +122,8 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
     size = int(meta["image_size"])
     settings = {"method": method, "tta_flip": bool(tta_flip), "input_size": size, "tile": meta.get("tile"),
                 "prob_floor": float(prob_floor) if split == "test" else None, **(signature or {})}
+    if scale != 1:  # absent at 1, so folders written before the setting existed resume
+        settings["scale"] = float(scale)
     check_same_settings(out_dir / "settings.json", settings, force, "CAMs", "pass --force to recompute them all")
 
     ids, labels = list_split(data_dir, split)
@@ -146,7 +149,8 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
         autocast = amp_dtype(amp, device) if method == "cam" else None
         model = model.to(device).eval()
         bias = head_bias(model)
-        log.info("%s CAMs of %d %s images (%s%s) -> %s", method, len(todo), split, f"{size} px",
+        log.info("%s CAMs of %d %s images (%s%s) -> %s", method, len(todo), split,
+                 f"{size} px" + (f", maps at {scale:g}x: {round(size * scale)} px" if scale != 1 else ""),
                  ", flip TTA" if tta_flip else "", out_dir)
         bar = tqdm(total=len(todo), desc=f"cams {split}", unit="img", mininterval=2.0, disable=not progress)
         for start in range(0, len(todo), batch_size):
@@ -155,7 +159,7 @@ def compute_split_cams(run: str | os.PathLike, data_dir: str | os.PathLike, spli
             x = prepare_batch(x.to(device), mean, std)
             labs = [label_of[i] for i in chunk] if label_of is not None else None
             for image_id, res in zip(chunk, image_cams(model, x, method, labs, prob_floor, tta_flip, autocast=autocast,
-                                                         tile=meta.get("tile"))):
+                                                         tile=meta.get("tile"), scale=scale)):
                 save_cam(out_dir / f"{image_id}.npz", res.cams, res.classes, res.probs, res.logits, method, size,
                          bias)
             stats["computed"] += len(chunk)

@@ -10,7 +10,8 @@ from tiny_fields import make_tiny_dataset, tiny_field
 from torch import nn
 
 from hpa.cam.maps import load_cam, normalize_cams, save_cam, upsample_cam
-from hpa.cam.methods import available_methods, check_method, compute_cams, head_bias, image_cams, select_classes
+from hpa.cam.methods import (available_methods, check_method, compute_cams, enlarge, field_logits, head_bias, image_cams,
+                             select_classes)
 from hpa.constants import NUM_CLASSES
 from hpa.io.errors import InputError
 from hpa.io.fields import resize_field, write_field
@@ -296,6 +297,28 @@ def test_image_cams_selects_labels_and_floor(resnet):
         assert sel[0].cams.shape == (len(sel[0].classes), 4, 4)
 
 
+@pytest.mark.parametrize("tile", [None, 32])
+def test_enlarged_maps_keep_the_model_scale_probabilities(resnet, tile):
+    x = torch.randn(2, 4, 64, 64)
+    base = image_cams(resnet, x, labels=[[1, 4], [18]], tile=tile)
+    big = image_cams(resnet, x, labels=[[1, 4], [18]], tile=tile, scale=2.0)
+    _, ref = compute_cams(resnet, enlarge(x, 2.0), tile=tile)
+    assert enlarge(x, 2.0).shape == (2, 4, 128, 128) and enlarge(x, 1.0) is x
+    for b, r in enumerate(big):
+        np.testing.assert_allclose(r.probs, base[b].probs, atol=1e-6)  # probabilities from the 64-px field
+        np.testing.assert_allclose(r.logits, field_logits(resnet, x, tile=tile)[b], atol=1e-5)
+        assert r.classes.tolist() == base[b].classes.tolist()
+        assert r.cams.shape == (len(r.classes), 8, 8) and base[b].cams.shape[1:] == (4, 4)
+        np.testing.assert_allclose(r.cams, ref[b, r.classes], atol=1e-5)  # maps from the 128-px field
+    # on the test split the floor selects from the model-scale probabilities, for grad-cam methods too
+    floor = float(np.sort(base[0].probs)[9:11].mean())
+    sel = image_cams(resnet, x, "gradcam", None, prob_floor=floor, tile=tile, scale=1.5)
+    assert sel[0].classes.tolist() == [c for c in range(NUM_CLASSES) if base[0].probs[c] >= floor]
+    assert sel[0].cams.shape[1:] == (6, 6)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        enlarge(x, 0.0)
+
+
 # --------------------------------------------------------------------------- storage
 def test_save_load_roundtrip_shapes_and_dtypes(tmp_path):
     rng = np.random.default_rng(0)
@@ -373,6 +396,16 @@ def test_split_cams_stored_resumed_and_merged(tmp_path, resnet):
         compute_split_cams(run, data, "train", resnet, META, method="gradcam", progress=False)
     stats = compute_split_cams(run, data, "train", resnet, META, method="gradcam", force=True, progress=False)
     assert stats["computed"] == 5 and json.loads((out / "settings.json").read_text())["method"] == "gradcam"
+    assert "scale" not in json.loads((out / "settings.json").read_text())  # at 1: as before the setting existed
+    # enlarged maps: recorded, finer, same probabilities; a scale change needs --force
+    with pytest.raises(InputError, match="scale.*--force"):
+        compute_split_cams(run, data, "train", resnet, META, method="gradcam", scale=2.0, progress=False)
+    stats = compute_split_cams(run, data, "train", resnet, META, method="gradcam", scale=2.0, force=True,
+                               progress=False)
+    big = load_cam(out / "img000.npz")
+    assert json.loads((out / "settings.json").read_text())["scale"] == 2.0
+    assert big.cams.shape == (len(rec.classes), 8, 8)
+    np.testing.assert_allclose(big.probs, rec.probs, atol=1e-5)
 
 
 def test_test_split_shards_merge_when_complete(tmp_path, resnet):
