@@ -179,6 +179,17 @@ def _gradcam_family(model: nn.Module, x: torch.Tensor, classes: list[int], metho
 
 
 def _one_view(model, x, classes, method, layer, autocast):
+    """One view of the batch in passes of :func:`hpa.engine.tiling.pass_size` items (tiles overflow a CPU's caches)."""
+    from hpa.engine.tiling import pass_size
+
+    n = pass_size(x)
+    if x.shape[0] <= n:
+        return _one_view_pass(model, x, classes, method, layer, autocast)
+    parts = [_one_view_pass(model, xs, classes, method, layer, autocast) for xs in x.split(n)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _one_view_pass(model, x, classes, method, layer, autocast):
     if method == "cam":
         return _native(model, x, classes, autocast)
     return _gradcam_family(model, x, classes, method, layer)
@@ -273,21 +284,6 @@ def select_classes(probs: np.ndarray, labels: Sequence[int] | None = None, prob_
     return [int(c) for c in np.flatnonzero(np.asarray(probs) >= prob_floor)]
 
 
-def field_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False, tile: int | None = None) -> np.ndarray:
-    """float32 ``(B, K)`` logits of a batch as :func:`compute_cams` gives them (flips averaged, tiles
-    as ``logit(mean tile probability)``), without maps."""
-    from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles, prob_logit
-
-    with torch.inference_mode(), _eval_mode(model):
-        views = _FLIPS if tta_flip else _FLIPS[:1]
-        tiled = needs_tiles(x, tile)
-        xin = make_tiles(x, int(tile))[0] if tiled else x
-        logits = torch.stack([model(f(xin)).float() for f, _ in views]).mean(0)
-        if tiled:
-            logits = prob_logit(mean_tile_probs(logits, x.shape[0]))
-    return logits.cpu().numpy().astype(np.float32)
-
-
 def enlarge(x: torch.Tensor, scale: float) -> torch.Tensor:
     """A batch ``(B, C, H, W)`` resized (bilinear) to ``(round(H s), round(W s))``; ``scale`` 1: ``x`` itself."""
     if scale == 1:
@@ -321,21 +317,21 @@ def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: S
     """
     if labels is not None and len(labels) != x.shape[0]:
         raise ValueError(f"labels: expected {x.shape[0]} lists (one per image), got {len(labels)}")
-    wanted = pre = None
-    if scale != 1:  # the probabilities at the model's own scale
-        pre = field_logits(model, x, tta_flip, tile)
+    from hpa.engine.inference import field_probs
+    from hpa.engine.tiling import prob_logit
+
+    wanted = pre_probs = None
+    if scale != 1 or (method != "cam" and labels is None and prob_floor > 0):
+        pre_probs = field_probs(model, x, tile, tta_flip)  # the probabilities compute_cams gives at scale 1
     if method != "cam":
         if labels is not None:
             wanted = sorted({int(c) for lab in labels for c in lab})
         elif prob_floor > 0:
-            if pre is None:
-                pre = field_logits(model, x, tta_flip, tile)  # the same logits compute_cams will give
-            pre_probs = 1.0 / (1.0 + np.exp(-pre.astype(np.float64)))
             # a margin, so a class at the floor is not lost to rounding between the two passes
             wanted = sorted({c for p in pre_probs for c in select_classes(p, None, prob_floor - 1e-4)})
     logits, cams = compute_cams(model, enlarge(x, scale), method, wanted, tta_flip, target_layer, autocast, tile)
-    if pre is not None and scale != 1:
-        logits = pre
+    if scale != 1:  # the probabilities at the model's own scale
+        logits = prob_logit(pre_probs.astype(np.float64)).astype(np.float32)
     columns = list(range(logits.shape[1])) if wanted is None else wanted
     col_of = {c: i for i, c in enumerate(columns)}
     out = []

@@ -86,7 +86,7 @@ def field_probs(model: nn.Module, x: torch.Tensor, tile: int | None = None, tta_
     Returns:
         float32 ``(B, K)`` in [0, 1].
     """
-    from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles
+    from hpa.engine.tiling import forward_in_passes, make_tiles, mean_tile_probs, needs_tiles
 
     tiled = needs_tiles(x, tile)
     xin = make_tiles(x, int(tile))[0] if tiled else x
@@ -94,7 +94,7 @@ def field_probs(model: nn.Module, x: torch.Tensor, tile: int | None = None, tta_
     was = model.training
     model.eval()
     try:
-        logits = sum(model(view(xin)).float() for view in views) / float(len(views))
+        logits = sum(forward_in_passes(model, view(xin)).float() for view in views) / float(len(views))
     finally:
         model.train(was)
     p = mean_tile_probs(logits, x.shape[0]) if tiled else torch.sigmoid(logits)

@@ -59,6 +59,29 @@ def make_tiles(x: torch.Tensor, tile: int, stride: int | None = None) -> tuple[t
     return tiles.reshape(-1, x.shape[1], tile, tile), offsets
 
 
+#: On the CPU one forward pass takes at most this many input pixels (36 tiles of 64 px): many tiles in one
+#: pass overflow the caches. Measured on 2 cores (docs/cams.md, "Enlarged maps"): 16 fields enlarged to
+#: 256 px, 784 tiles in one pass, 0.52 s per field for their maps; in passes of 36 tiles 0.21 s. GPUs take
+#: a whole batch in one pass.
+CPU_PASS_PIXELS = 36 * 64 * 64
+
+
+def pass_size(x: torch.Tensor) -> int:
+    """How many items of the batch ``x`` (B, C, H, W) one forward pass should take: all of them on a GPU,
+    at most :data:`CPU_PASS_PIXELS` input pixels' worth (at least one) on the CPU."""
+    if x.device.type != "cpu":
+        return max(1, int(x.shape[0]))
+    return max(1, CPU_PASS_PIXELS // max(1, int(x.shape[-2] * x.shape[-1])))
+
+
+def forward_in_passes(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` computed in passes of :func:`pass_size` items, concatenated (the same values)."""
+    n = pass_size(x)
+    if x.shape[0] <= n:
+        return model(x)
+    return torch.cat([model(part) for part in x.split(n)])
+
+
 def mean_tile_probs(tile_logits: torch.Tensor, n_images: int) -> torch.Tensor:
     """``(B * T, K)`` tile logits (image-major) -> ``(B, K)`` mean sigmoid probabilities."""
     return torch.sigmoid(tile_logits.float()).reshape(n_images, -1, tile_logits.shape[-1]).mean(1)
@@ -81,9 +104,9 @@ def tiled_probs(model: torch.nn.Module, x: torch.Tensor, tile: int | None, strid
     (module docstring); otherwise one pass over the whole field.
     """
     if not needs_tiles(x, tile):
-        return torch.sigmoid(model(x).float())
+        return torch.sigmoid(forward_in_passes(model, x).float())
     tiles, _ = make_tiles(x, int(tile), stride)
-    return mean_tile_probs(model(tiles), x.shape[0])
+    return mean_tile_probs(forward_in_passes(model, tiles), x.shape[0])
 
 
 def stitch(tile_maps: np.ndarray, offsets: list[tuple[int, int]], field_hw: tuple[int, int], tile: int) -> np.ndarray:

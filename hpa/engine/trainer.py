@@ -57,7 +57,7 @@ from hpa.engine.plots import plot_curves
 from hpa.engine.rng import rng_state, seed_everything, set_rng_state
 from hpa.engine.sampler import EpochSampler, seed_worker
 from hpa.engine.schedule import lr_at, param_groups
-from hpa.engine.tiling import make_tiles, mean_tile_probs, needs_tiles, prob_logit
+from hpa.engine.tiling import forward_in_passes, make_tiles, mean_tile_probs, needs_tiles, prob_logit
 from hpa.utils.fs import write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ def evaluate(model: nn.Module, ds, s: TrainSettings, criterion, mean_t, std_t, d
                 x = make_tiles(x, int(tile))[0]
                 x = x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
             with autocast(device, dtype):
-                logits = model(x)
+                logits = forward_in_passes(model, x)  # passes of a few dozen tiles on the CPU
             logits = logits.float()
             if tiled:  # the loss of the tile-averaged probability
                 logits = prob_logit(mean_tile_probs(logits, len(t)))

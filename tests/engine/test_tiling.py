@@ -6,7 +6,10 @@ import torch
 
 from hpa.cam.methods import compute_cams, head_bias, image_cams
 from hpa.engine.inference import predict
-from hpa.engine.tiling import make_tiles, mean_tile_probs, prob_logit, stitch, tile_starts, tiled_probs
+from hpa.engine import tiling
+from hpa.engine.inference import field_probs
+from hpa.engine.tiling import (forward_in_passes, make_tiles, mean_tile_probs, pass_size, prob_logit, stitch, tile_starts,
+                               tiled_probs)
 from hpa.models.factory import build_model
 
 
@@ -72,6 +75,26 @@ def test_tiled_probabilities_and_cams_agree_with_tiles_run_one_by_one(resnet):
     a, b = compute_cams(resnet, small, tile=64), compute_cams(resnet, small)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_cpu_passes_give_the_values_of_one_pass(resnet, monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 96, 96)
+    assert pass_size(x) == tiling.CPU_PASS_PIXELS // (96 * 96) and pass_size(torch.randn(1, 4, 4096, 4096)) == 1
+    whole = (compute_cams(resnet, x, tile=64), compute_cams(resnet, x, "gradcam", [2, 5], tile=64),
+             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy())
+    with torch.no_grad():
+        one = resnet(x)
+    monkeypatch.setattr(tiling, "CPU_PASS_PIXELS", 64 * 64 * 5)  # 12 tiles in passes of 5, 5 and 2
+    assert pass_size(make_tiles(x, 64)[0]) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(forward_in_passes(resnet, x.repeat(4, 1, 1, 1)), one.repeat(4, 1), atol=1e-5,
+                                   rtol=1e-4)
+    split = (compute_cams(resnet, x, tile=64), compute_cams(resnet, x, "gradcam", [2, 5], tile=64),
+             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy())
+    for a, b in ((whole[0][0], split[0][0]), (whole[0][1], split[0][1]), (whole[1][1], split[1][1]),
+                 (whole[2], split[2]), (whole[3], split[3])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_image_cams_and_predict_use_the_tiles(resnet):
