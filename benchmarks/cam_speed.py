@@ -9,6 +9,12 @@ For each input size, side by side in one process on the same random model and ba
                normalisation, one forward pass + 19 backward passes through the head only
 The last line is the speed-up of cam over grad-cam summed over the sizes: ``speedup=NN.Nx``.
     python benchmarks/cam_speed.py [--arch efficientnet-b0] [--batch 4] [--sizes 256 512]
+
+``--passes``: instead, stage 02's case on the CPU: a batch of 16 fields of 128 px seen as 64-px tiles,
+maps at ``cam.scale`` 1 and 2, with every tile of the batch in one forward pass against passes of
+at most ``hpa.engine.tiling.CPU_PASS_PIXELS`` (what stage 02 does), side by side; prints seconds per
+field and ``passes_speedup=N.Nx`` at scale 2.
+    python benchmarks/cam_speed.py --passes [--threads 2]
 """
 
 import argparse
@@ -18,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from hpa.cam.methods import cam_target_layer, compute_cams
+from hpa.cam.methods import cam_target_layer, compute_cams, image_cams
+from hpa.engine import tiling
 from hpa.constants import NUM_CLASSES
 from hpa.models.factory import build_model
 
@@ -44,6 +51,23 @@ def grad_cam_loop(model, x):
     return np.stack(maps, 1)  # (B, 19, S, S), min-max normalised by grad-cam
 
 
+def tiled_passes(model, repeats: int) -> None:
+    """Stage 02's tiled maps with one pass per batch against CPU-sized passes (module docstring)."""
+    x = torch.randn(16, 4, 128, 128)
+    print(f"{'scale':>5} {'one pass s/field':>17} {'passes s/field':>15} {'speed-up':>9}")
+    chunked = tiling.CPU_PASS_PIXELS
+    speedup = 0.0
+    for scale in (1.0, 2.0):
+        image_cams(model, x[:1], tile=64, scale=scale)  # warm-up
+        tiling.CPU_PASS_PIXELS = 1 << 40  # every tile of the batch at once
+        t_one, _ = _timed(lambda: image_cams(model, x, tile=64, scale=scale), repeats)
+        tiling.CPU_PASS_PIXELS = chunked
+        t_pass, _ = _timed(lambda: image_cams(model, x, tile=64, scale=scale), repeats)
+        speedup = t_one / t_pass
+        print(f"{scale:>5g} {t_one / 16:>17.3f} {t_pass / 16:>15.3f} {speedup:>8.2f}x", flush=True)
+    print(f"passes_speedup={speedup:.1f}x")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="efficientnet-b0")
@@ -53,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="timings are the median of this many runs")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--passes", action="store_true", help="tiled maps: one pass against CPU-sized passes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +86,8 @@ def main(argv=None):
     print(f"# {args.arch} (output stride {args.output_stride}), batch {args.batch}, {NUM_CLASSES} classes, "
           f"device {args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
+    if args.passes:
+        return tiled_passes(model, args.repeats)
     print(f"{'size':>5} {'cam s':>8} {'grad-cam s':>11} {'hpa-gradcam s':>14} {'speedup':>8}")
     total_cam = total_gc = 0.0
     for size in args.sizes:
