@@ -13,7 +13,8 @@ The last line is the speed-up of cam over grad-cam summed over the sizes: ``spee
 ``--passes``: instead, stage 02's case on the CPU: a batch of 16 fields of 128 px seen as 64-px tiles,
 maps at ``cam.scale`` 1 and 2, with every tile of the batch in one forward pass against passes of
 at most ``hpa.engine.tiling.CPU_PASS_PIXELS`` (what stage 02 does), side by side; prints seconds per
-field and ``passes_speedup=N.Nx`` at scale 2.
+field and ``passes_speedup=N.Nx`` at scale 2; then the same for stage 05's cell predictions (1,024 random
+64-px crops, ``cell_model.predict_batch_size`` 256), in cells per second.
     python benchmarks/cam_speed.py --passes [--threads 2]
 """
 
@@ -66,6 +67,17 @@ def tiled_passes(model, repeats: int) -> None:
         speedup = t_one / t_pass
         print(f"{scale:>5g} {t_one / 16:>17.3f} {t_pass / 16:>15.3f} {speedup:>8.2f}x", flush=True)
     print(f"passes_speedup={speedup:.1f}x")
+    from hpa.engine.inference import predict
+
+    crops = np.random.default_rng(0).integers(0, 256, (1024, 4, 64, 64), dtype=np.uint8)
+    meta = {"in_channels": 4, "task": "multiclass", "num_classes": NUM_CLASSES}
+    times = {}
+    for name, budget in (("one pass of 256 crops", 1 << 40), ("passes of 36 crops", chunked)):
+        tiling.CPU_PASS_PIXELS = budget
+        predict(model, meta, crops[:256], batch_size=256)  # warm-up
+        times[name], _ = _timed(lambda: predict(model, meta, crops, batch_size=256), repeats)
+    tiling.CPU_PASS_PIXELS = chunked
+    print("cell predictions: " + ", ".join(f"{k} {len(crops) / v:.0f} cells/s" for k, v in times.items()))
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: st
     Returns:
         float32 ``(N, K)``: sigmoid probabilities (multilabel) or softmax (multiclass).
     """
-    from hpa.engine.tiling import make_tiles, needs_tiles
+    from hpa.engine.tiling import forward_in_passes, make_tiles, needs_tiles
 
     if isinstance(data, np.ndarray):
         if data.ndim != 4 or data.shape[1] != meta["in_channels"]:
@@ -46,10 +46,10 @@ def predict(model: nn.Module, meta: dict, data, batch_size: int = 32, device: st
         multiclass = meta.get("task") == "multiclass"
         tiled = not multiclass and needs_tiles(x, meta.get("tile"))
         xin = make_tiles(x, int(meta["tile"]))[0] if tiled else x
-        with autocast(device, dtype):
-            logits = model(xin).float()
+        with autocast(device, dtype):  # on the CPU in passes of a few dozen 64-px items (cache-sized)
+            logits = forward_in_passes(model, xin).float()
             if tta_flip:
-                logits2 = model(xin.flip(-1)).float()
+                logits2 = forward_in_passes(model, xin.flip(-1)).float()
         act = (lambda z: torch.softmax(z, 1)) if multiclass else torch.sigmoid
         p = act(logits) if not tta_flip else 0.5 * (act(logits) + act(logits2))
         if tiled:

@@ -81,8 +81,11 @@ def test_cpu_passes_give_the_values_of_one_pass(resnet, monkeypatch):
     torch.manual_seed(2)
     x = torch.randn(3, 4, 96, 96)
     assert pass_size(x) == tiling.CPU_PASS_PIXELS // (96 * 96) and pass_size(torch.randn(1, 4, 4096, 4096)) == 1
+    crops = np.random.default_rng(3).integers(0, 256, (12, 4, 64, 64), dtype=np.uint8)
+    meta = {"in_channels": 4, "task": "multiclass", "num_classes": 19}
     whole = (compute_cams(resnet, x, tile=64), compute_cams(resnet, x, "gradcam", [2, 5], tile=64),
-             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy())
+             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy(),
+             predict(resnet, meta, crops, batch_size=12, tta_flip=True))
     with torch.no_grad():
         one = resnet(x)
     monkeypatch.setattr(tiling, "CPU_PASS_PIXELS", 64 * 64 * 5)  # 12 tiles in passes of 5, 5 and 2
@@ -91,9 +94,10 @@ def test_cpu_passes_give_the_values_of_one_pass(resnet, monkeypatch):
         torch.testing.assert_close(forward_in_passes(resnet, x.repeat(4, 1, 1, 1)), one.repeat(4, 1), atol=1e-5,
                                    rtol=1e-4)
     split = (compute_cams(resnet, x, tile=64), compute_cams(resnet, x, "gradcam", [2, 5], tile=64),
-             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy())
+             field_probs(resnet, x, 64, tta_flip=True), tiled_probs(resnet, x, 64).numpy(),
+             predict(resnet, meta, crops, batch_size=12, tta_flip=True))
     for a, b in ((whole[0][0], split[0][0]), (whole[0][1], split[0][1]), (whole[1][1], split[1][1]),
-                 (whole[2], split[2]), (whole[3], split[3])):
+                 (whole[2], split[2]), (whole[3], split[3]), (whole[4], split[4])):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
