@@ -440,7 +440,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # bash run_all.sh --profile hard: the hard synthetic benchmark (docs/synth.md); cycle 2 fills every cell the
     # rule leaves out (44% here), twice cycle 1's cells: twice its epochs, chosen on the validation fold
     # (docs/pseudo_labels.md; cycle 1 at 12 epochs did not gain)
-    # maps from the field enlarged 2x: an image's cells separate better (validation fold: cam 0.559 -> 0.604, broadcast
+    # maps from the field enlarged 2x: an image's cells separate better (validation fold: cam 0.559 -> 0.611, broadcast
     # 0.568; docs/cams.md)
     "hard": {"cell_model": {"cycle2_epochs": 12}, "cam": {"scale": 2.0}},
     "full": {  # real HPA scale on a GPU

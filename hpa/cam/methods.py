@@ -307,9 +307,9 @@ def image_cams(model: nn.Module, x: torch.Tensor, method: str = "cam", labels: S
         tile: the model's training crop size, for tiled inference (:func:`compute_cams`).
         scale: the maps come from the batch enlarged ``scale`` times (:func:`enlarge`; tiles keep
             their side, so there are more of them), the logits and probabilities from the batch as
-            given, the scale the model was trained at. At ``scale`` > 1 a cell is larger than the
-            network's receptive field and spans more feature pixels: on the hard benchmark the
-            maps then separate an image's cells better (docs/cams.md, "Enlarged maps").
+            given, the scale the model was trained at. At ``scale`` > 1 a cell spans more feature
+            pixels and more of the network's receptive field: on the hard benchmark the maps then
+            separate an image's cells better (docs/cams.md, "Enlarged maps").
     Returns:
         B :class:`ImageCams`. ``cam`` computes all classes in one pass and keeps the selected
         ones; grad-cam methods compute only the union of the batch's selected classes. The maps

@@ -60,9 +60,9 @@ def make_tiles(x: torch.Tensor, tile: int, stride: int | None = None) -> tuple[t
 
 
 #: On the CPU one forward pass takes at most this many input pixels (36 tiles of 64 px): many tiles in one
-#: pass overflow the caches. Measured on 2 cores (docs/cams.md, "Enlarged maps"): 16 fields enlarged to
-#: 256 px, 784 tiles in one pass, 0.52 s per field for their maps; in passes of 36 tiles 0.21 s. GPUs take
-#: a whole batch in one pass.
+#: pass overflow the caches. Measured on 2 cores (docs/cams.md, "Speed"; benchmarks/cam_speed.py --passes):
+#: 16 fields enlarged to 256 px, 784 tiles in one pass, 0.51 s per field for their maps; in passes of 36
+#: tiles 0.19 s. GPUs take a whole batch in one pass.
 CPU_PASS_PIXELS = 36 * 64 * 64
 
 
