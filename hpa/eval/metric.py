@@ -132,7 +132,7 @@ class _ImageEval:
     conf: np.ndarray  # float64 (N,) finite
     image_id: str = field(default="")
     iou_type: str = "mask"
-    candidates: dict = field(default_factory=dict, repr=False)  # threshold -> :func:`_candidates` (bootstrap reuse)
+    candidates: dict = field(default_factory=dict, repr=False)  # :func:`_candidates`, :func:`_true_positives` (reuse)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -294,6 +294,49 @@ def _candidates(im: _ImageEval, iou_threshold: float) -> np.ndarray:
     return g
 
 
+def _true_positives(im: _ImageEval, iou_threshold: float, sequential: bool, fallback: bool) -> np.ndarray:
+    """bool (N,): whether each prediction of one image (input order) is a true positive.
+
+    Matching never crosses images: a prediction can only take a true cell of its own image
+    and class, and the predictions of one image and class meet in the order of the global
+    ranking (confidence descending, then input order), which is their order within the
+    image. So an image's flags are the same in any list it is scored in, a bootstrap
+    resample included, and are computed once per threshold (cached on the image).
+    """
+    key = ("tp", float(iou_threshold), bool(sequential), bool(fallback))
+    if key in im.candidates:
+        return im.candidates[key]
+    n = len(im.classes)
+    tp = np.zeros(n, bool)
+    order = np.lexsort((np.arange(n), -np.asarray(im.conf, np.float64), im.classes))
+    if not sequential:
+        g = _candidates(im, iou_threshold)[order]
+        valid = np.flatnonzero(g >= 0)
+        t = max(im.iou.shape[1], 1)
+        _, first = np.unique(im.classes[order][valid] * t + g[valid], return_index=True)
+        tp[order[valid[first]]] = True
+    else:
+        taken_by_class: dict[int, np.ndarray] = {}  # class -> its true cells already taken
+        for p in order.tolist():
+            c = int(im.classes[p])
+            cols = np.flatnonzero(im.gt_labels[:, c])
+            if not cols.size:
+                continue
+            taken = taken_by_class.setdefault(c, np.zeros(len(cols), bool))
+            ious = im.iou[im.mask_index[p], cols]
+            if fallback:  # the best cell among those not yet taken
+                ok = (ious >= iou_threshold) & ~taken
+            else:  # the best cell, and a false positive when it is taken
+                ok = np.zeros(len(cols), bool)
+                j = int(np.argmax(ious))
+                ok[j] = ious[j] >= iou_threshold and not taken[j]
+            if ok.any():
+                taken[np.argmax(np.where(ok, ious, -np.inf))] = True
+                tp[p] = True
+    im.candidates[key] = tp
+    return tp
+
+
 def _score(
     images: list[_ImageEval],
     n_gt: np.ndarray,
@@ -305,6 +348,19 @@ def _score(
 ) -> MetricResult:
     """Match, then AP per class (:func:`_score_modes` for one mode)."""
     return _score_modes(images, n_gt, (mode,), iou_threshold, n_images, sequential, iou_type)[mode]
+
+
+def _ranked_aps(cls_all: np.ndarray, tp_all: np.ndarray, has_all: np.ndarray, n_gt: np.ndarray, mode: str):
+    """AP per class of predictions already ranked (class, then confidence descending).
+
+    Returns ``(ap (19,), tp, bounds, keep)``: oid keeps only predictions whose image has a
+    true cell of their class; ``bounds[c]:bounds[c + 1]`` is class c's slice of the kept ``tp``.
+    """
+    keep = has_all if mode == "oid" else np.ones(len(cls_all), bool)
+    cls_s, tp = cls_all[keep], tp_all[keep]
+    bounds = np.searchsorted(cls_s, np.arange(NUM_CLASSES + 1))
+    ap = np.array([_average_precision(tp[bounds[c] : bounds[c + 1]], int(n_gt[c])) for c in range(NUM_CLASSES)])
+    return ap, tp, bounds, keep
 
 
 def _score_modes(
@@ -332,57 +388,18 @@ def _score_modes(
     fallback = iou_type == "mask"
     if sequential is None:
         sequential = fallback and not iou_threshold > 0.5
-    img_l, midx_l, cls_l, conf_l, gid_l, has_l = [], [], [], [], [], []
-    offset = 0
-    for i, im in enumerate(images):
-        t = im.iou.shape[1]
-        cls = im.classes
-        if not sequential:
-            g = _candidates(im, iou_threshold)
-            gid_l.append(np.where(g >= 0, offset + g, -1))
-        img_l.append(np.full(len(cls), i, np.int64))
-        midx_l.append(im.mask_index)
-        cls_l.append(cls)
-        conf_l.append(im.conf)
-        has_l.append(im.gt_labels.any(0)[cls])
-        offset += t
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
-    img, midx, cls, conf, has = (
-        cat(img_l, np.int64), cat(midx_l, np.int64), cat(cls_l, np.int64), cat(conf_l, np.float64), cat(has_l, bool)
-    )
+    cls = cat([im.classes for im in images], np.int64)
+    conf = cat([im.conf for im in images], np.float64)
+    has = cat([im.gt_labels.any(0)[im.classes] for im in images], bool)
+    tp_in = cat([_true_positives(im, iou_threshold, sequential, fallback) for im in images], bool)
     order = np.lexsort((np.arange(len(cls)), -conf, cls))  # by class, then confidence desc, then input order
     cls_all = cls[order]
-    tp_all = np.zeros(len(order), bool)
-    if not sequential:
-        gid_s = cat(gid_l, np.int64)[order]
-        valid = np.flatnonzero(gid_s >= 0)
-        _, first = np.unique(cls_all[valid] * max(offset, 1) + gid_s[valid], return_index=True)
-        tp_all[valid[first]] = True
-    else:
-        matched: dict[tuple[int, int], np.ndarray] = {}  # (image, class) -> true cells already taken
-        for k, p in enumerate(order.tolist()):
-            i, c = int(img[p]), int(cls_all[k])
-            cols = np.flatnonzero(images[i].gt_labels[:, c])
-            if not cols.size:
-                continue
-            taken = matched.setdefault((i, c), np.zeros(len(cols), bool))
-            ious = images[i].iou[midx[p], cols]
-            if fallback:  # the best cell among those not yet taken
-                ok = (ious >= iou_threshold) & ~taken
-            else:  # the best cell, and a false positive when it is taken
-                ok = np.zeros(len(cols), bool)
-                j = int(np.argmax(ious))
-                ok[j] = ious[j] >= iou_threshold and not taken[j]
-            if ok.any():
-                taken[np.argmax(np.where(ok, ious, -np.inf))] = True
-                tp_all[k] = True
+    tp_all = tp_in[order]
     has_gt = n_gt > 0
     out = {}
     for mode in modes:
-        keep = has[order] if mode == "oid" else np.ones(len(order), bool)
-        cls_s, tp = cls_all[keep], tp_all[keep]
-        bounds = np.searchsorted(cls_s, np.arange(NUM_CLASSES + 1))
-        ap = np.array([_average_precision(tp[bounds[c] : bounds[c + 1]], int(n_gt[c])) for c in range(NUM_CLASSES)])
+        ap, tp, bounds, keep = _ranked_aps(cls_all, tp_all, has[order], n_gt, mode)
         n_tp = np.array([tp[bounds[c] : bounds[c + 1]].sum() for c in range(NUM_CLASSES)], np.int64)
         out[mode] = MetricResult(
             map=float(np.mean(ap[has_gt])) if has_gt.any() else float("nan"),
@@ -502,17 +519,55 @@ def bootstrap_maps(gt: GroundTruth, images: Mapping[str, list[_ImageEval]], n_bo
         _check_args(m, iou_threshold)
     ids = list(gt)
     n_per = np.stack([_label_matrix(i, gt[i][1])[1].sum(0) for i in ids]) if ids else np.zeros((0, NUM_CLASSES))
-    by_id = {name: {im.image_id: im for im in ims} for name, ims in images.items()}
+    tables = {name: _bootstrap_table(ims, iou_threshold) for name, ims in images.items()}
     rng = np.random.default_rng(seed)
     out = {m: {name: np.empty(n_boot) for name in images} for m in modes}
     for b in range(n_boot):
         draw = rng.integers(0, len(ids), len(ids))
         n_gt = n_per[draw].sum(0).astype(np.int64)
-        for name, table in by_id.items():
-            ims = [table[ids[j]] for j in draw if ids[j] in table]
-            for m, res in _score_modes(ims, n_gt, modes, iou_threshold, len(draw)).items():
-                out[m][name][b] = res.map
+        has_gt = n_gt > 0
+        for name, table in tables.items():
+            parts = [table[ids[j]] for j in draw if ids[j] in table]
+            cls, rank, tp, has = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, dt)
+                                  for k, dt in enumerate((np.int64, np.int64, bool, bool)))
+            # rank (class, then confidence) first, then the position in this resample's input order, which
+            # breaks ties as _score_modes does; every image's rows are pre-sorted so the keys form sorted runs
+            order = np.argsort(rank * (len(rank) + 1) + np.arange(len(rank)), kind="stable")
+            for m in modes:
+                ap = _ranked_aps(cls[order], tp[order], has[order], n_gt, m)[0]
+                out[m][name][b] = float(np.mean(ap[has_gt])) if has_gt.any() else float("nan")
     return out[mode] if isinstance(mode, str) else out
+
+
+def _bootstrap_table(images: list[_ImageEval], iou_threshold: float) -> dict[str, tuple]:
+    """Per image id: ``(classes, rank, true positive, image has the class)`` of its predictions,
+    sorted by rank, where rank orders (class, confidence descending) over the whole set with equal
+    pairs sharing a rank: a resample is scored from these without matching again
+    (:func:`_true_positives`) and its ranking is a merge of sorted runs."""
+    if not images:
+        return {}
+    kinds = {im.iou_type for im in images}
+    if len(kinds) > 1:
+        raise ValueError(f"images scored together must share one IoU type, got {sorted(kinds)}")
+    fallback = kinds.pop() == "mask"
+    sequential = fallback and not iou_threshold > 0.5
+    cls = np.concatenate([im.classes for im in images]).astype(np.int64, copy=False)
+    conf = np.concatenate([im.conf for im in images]).astype(np.float64, copy=False)
+    order = np.lexsort((-conf, cls))
+    new = np.ones(len(order), bool)
+    new[1:] = (cls[order][1:] != cls[order][:-1]) | (conf[order][1:] != conf[order][:-1])
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.cumsum(new) - 1
+    table, start = {}, 0
+    for im in images:
+        n = len(im.classes)
+        r = rank[start:start + n]
+        start += n
+        perm = np.lexsort((np.arange(n), r))
+        tp = _true_positives(im, iou_threshold, sequential, fallback)
+        table[im.image_id] = (np.asarray(im.classes, np.int64)[perm], r[perm], tp[perm],
+                              im.gt_labels.any(0)[im.classes][perm])
+    return table
 
 
 def submission_map(

@@ -384,6 +384,32 @@ def test_bootstrap_resamples_images_and_pairs_the_methods():
     assert list(res) == ["strict", "oid"] and res["strict"].map == cell_map(gt, pred, mode="strict").map
 
 
+@pytest.mark.parametrize("iou_type,threshold", [("mask", 0.5), ("box", 0.6)])  # greedy loop; vectorised pass
+def test_every_bootstrap_resample_equals_scoring_it_from_scratch(iou_type, threshold):
+    """bootstrap_maps matches each image once and ranks by a merge: every resample, drawn images
+    repeated and tied confidences included, must equal cell_map of that resample built by hand."""
+    from hpa.eval.metric import bootstrap_maps, cell_images
+
+    gt, pred = random_case(11, n_images=6)
+    for k, (m, ids, c) in list(pred.items())[:3]:  # many ties across images: the same confidences
+        pred[k] = (m, ids, np.where(np.isnan(c) | (c < 0), c, np.round(c, 1)).astype(np.float32))
+    images = {"a": cell_images(gt, pred, iou_type=iou_type)}
+    modes = ("oid", "strict")
+    boot = bootstrap_maps(gt, images, n_boot=12, seed=3, mode=modes, iou_threshold=threshold)
+    ids = list(gt)
+    rng = np.random.default_rng(3)
+    repeated = 0
+    for b in range(12):
+        draw = rng.integers(0, len(ids), len(ids))
+        repeated += len(set(draw.tolist())) < len(draw)
+        sub_gt = {f"{ids[j]}#{n}": gt[ids[j]] for n, j in enumerate(draw)}
+        sub_pred = {f"{ids[j]}#{n}": pred[ids[j]] for n, j in enumerate(draw) if ids[j] in pred}
+        for m in modes:
+            assert boot[m]["a"][b] == cell_map(sub_gt, sub_pred, mode=m, iou_threshold=threshold,
+                                               iou_type=iou_type).map, (b, m)
+    assert repeated > 0
+
+
 def test_step_gains_from_paired_resamples():
     from hpa.eval.benchmark import step_gains
 
