@@ -297,9 +297,14 @@ def test_out_of_fold_cycle1_probabilities(tmp_path):
 
 def test_cycle2_epochs_apply_to_cycle2_and_the_oracle_only(tmp_path):
     """cell_model.cycle2_epochs: cycle 2 and the oracle train on every cell, cycle 1 keeps cell_model.epochs."""
-    run, cfg, _ = make_run(tmp_path, overrides=("cell_model.epochs=1", "cell_model.cycle2_epochs=2"))
+    run, cfg, _ = make_run(tmp_path, overrides=("cell_model.epochs=1", "cell_model.cycle2_epochs=3",
+                                                "cell_model.val_every=2"))
     train_cell_stage(run, cfg, cycle=1, progress=False)
     train_cell_stage(run, cfg, oracle=True, progress=False)
     assert len(pd.read_csv(run / "cycle1" / "cell_model" / "metrics.csv")) == 1
-    assert len(pd.read_csv(run / "oracle" / "cell_model" / "metrics.csv")) == 2
-    assert build_config("hard").cell_model.cycle2_epochs == 12 and build_config().cell_model.cycle2_epochs is None
+    oracle = pd.read_csv(run / "oracle" / "cell_model" / "metrics.csv")
+    # cell_model.val_every=2: validated after epoch 2 and after the last, not after epoch 1
+    assert oracle["epoch"].tolist() == [1, 2, 3] and oracle["val_loss"].notna().tolist() == [False, True, True]
+    hard = build_config("hard").cell_model
+    assert (hard.cycle2_epochs, hard.val_every) == (12, 4)
+    assert (build_config().cell_model.cycle2_epochs, build_config().cell_model.val_every) == (None, 1)
