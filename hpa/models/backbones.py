@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+import torch
 from torch import nn
 
 EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
@@ -144,9 +145,44 @@ def efficientnet(arch: str, in_channels: int, image_size: int | None, output_str
     else:
         _replace_swish(net, nn.SiLU)
     net._change_in_channels(in_channels)
+    _plain_stride_one_convs(net)
     num_features = int(net._bn1.num_features)
     net._fc = nn.Identity()
     return EffNetFeatures(net), num_features
+
+
+def _plain_stride_one_convs(net: nn.Module) -> int:
+    """Replace efficientnet-pytorch's stride-1 TF-"SAME" convolutions by ``nn.Conv2d`` with the same
+    zero padding built in; returns how many.
+
+    At stride 1 an odd kernel's "SAME" padding is ``(k - 1) * d / 2`` on every side, whatever the
+    input size, so the convolution's own padding computes the same output without the separate
+    ``F.pad`` copy efficientnet-pytorch makes before each 3x3 and 5x5 depthwise convolution (and
+    its backward). The parameters are the same objects under the same names, so state dicts and
+    checkpoints are unchanged; stride-2 convolutions, padded asymmetrically on even inputs, keep
+    efficientnet-pytorch's module. Measured in ``benchmarks/train_speed.py``-style steps: docs/training.md.
+    """
+    from efficientnet_pytorch.utils import Conv2dDynamicSamePadding, Conv2dStaticSamePadding
+
+    n = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, (Conv2dDynamicSamePadding, Conv2dStaticSamePadding)):
+                continue
+            (kh, kw), (dh, dw) = child.kernel_size, child.dilation
+            if tuple(child.stride) != (1, 1) or (kh - 1) * dh % 2 or (kw - 1) * dw % 2:
+                continue
+            # skip_init: no random initialisation, so the random stream (and every later layer's
+            # initial weights) is the same as without this replacement
+            conv = torch.nn.utils.skip_init(nn.Conv2d, child.in_channels, child.out_channels, child.kernel_size, 1,
+                                            ((kh - 1) * dh // 2, (kw - 1) * dw // 2), child.dilation, child.groups,
+                                            child.bias is not None)
+            conv.weight = child.weight
+            if child.bias is not None:
+                conv.bias = child.bias
+            setattr(module, name, conv)
+            n += 1
+    return n
 
 
 def _replace_swish(net: nn.Module, activation: type[nn.Module]) -> int:

@@ -141,6 +141,36 @@ def test_efficientnet_uses_native_silu_and_drop_connect_is_a_setting():
         assert torch.equal(off(x), off(x))
 
 
+@pytest.mark.parametrize("arch,image_size,stride", [("efficientnet-b0", None, 16), ("efficientnet-b0", 64, 32),
+                                                      ("efficientnet-lite0", None, 8)])
+def test_plain_stride_one_convs_compute_what_efficientnet_pytorch_does(arch, image_size, stride, monkeypatch):
+    """Stride-1 "SAME" convolutions become nn.Conv2d with built-in padding: the same initial weights,
+    state-dict keys, outputs and gradients as efficientnet-pytorch's pad-then-convolve modules."""
+    import hpa.models.backbones as backbones
+    from efficientnet_pytorch.utils import Conv2dDynamicSamePadding, Conv2dStaticSamePadding
+
+    same_pad = (Conv2dDynamicSamePadding, Conv2dStaticSamePadding)
+    torch.manual_seed(0)
+    plain = build_model(arch, image_size=image_size, output_stride=stride, drop_connect=0).train()
+    monkeypatch.setattr(backbones, "_plain_stride_one_convs", lambda net: 0)
+    torch.manual_seed(0)
+    padded = build_model(arch, image_size=image_size, output_stride=stride, drop_connect=0).train()
+    left = [m for m in plain.modules() if isinstance(m, same_pad)]
+    assert left and all(tuple(m.stride) == (2, 2) for m in left)  # only the stride-2 ones stay
+    assert sum(isinstance(m, same_pad) for m in padded.modules()) > len(left) + 10
+    sa, sb = plain.state_dict(), padded.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)  # same init, same keys
+    x = torch.rand(3, 4, 64, 64)
+    plain.dropout.p = padded.dropout.p = 0.0
+    ya, yb = plain(x), padded(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    ga = dict(plain.named_parameters())
+    for name, p in padded.named_parameters():
+        torch.testing.assert_close(ga[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # --------------------------------------------------------------------------- EfficientNet-Lite
 LITE_BLOCKS = {"efficientnet-lite0": 16, "efficientnet-lite1": 21, "efficientnet-lite2": 21}
 # backbone parameters with a 4-channel stem: the 3-channel counts of the packaged models without their
