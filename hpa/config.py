@@ -445,7 +445,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # maps from the field enlarged 2x: an image's cells separate better (validation fold: cam 0.559 -> 0.611, broadcast
     # 0.568; docs/cams.md)
     # the cell models validate every 4th epoch (and after the last): 22 fewer passes over the validation cells,
-    # about 100 s of the 30-minute budget (the validation curve is for reading, the last epoch is kept)
+    # 3-4 s each on 2 cores (the validation curve is for reading, the last epoch is kept)
     "hard": {"cell_model": {"cycle2_epochs": 12, "val_every": 4}, "cam": {"scale": 2.0}},
     "full": {  # real HPA scale on a GPU
         "num_workers": 8,
