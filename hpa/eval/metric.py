@@ -350,6 +350,19 @@ def _score(
     return _score_modes(images, n_gt, (mode,), iou_threshold, n_images, sequential, iou_type)[mode]
 
 
+def _matching_rule(images: list[_ImageEval], iou_threshold: float, sequential: bool | None = None,
+                   iou_type: str | None = None) -> tuple[str, bool, bool]:
+    """``(iou_type, fallback, sequential)`` of images scored together (:func:`_score_modes`' rule)."""
+    kinds = {im.iou_type for im in images}
+    if len(kinds) > 1 or (iou_type is not None and kinds - {iou_type}):
+        raise ValueError(f"images scored together must share one IoU type, got {sorted(kinds | {iou_type} - {None})}")
+    iou_type = iou_type or (kinds.pop() if kinds else "mask")
+    fallback = iou_type == "mask"
+    if sequential is None:
+        sequential = fallback and not iou_threshold > 0.5
+    return iou_type, fallback, sequential
+
+
 def _ranked_aps(cls_all: np.ndarray, tp_all: np.ndarray, has_all: np.ndarray, n_gt: np.ndarray, mode: str):
     """AP per class of predictions already ranked (class, then confidence descending).
 
@@ -381,13 +394,7 @@ def _score_modes(
     where the greedy loop's fall-back to the best unmatched cell can differ from it.
     ``iou_type``: how the images' IoU was computed (read from them when None).
     """
-    kinds = {im.iou_type for im in images}
-    if len(kinds) > 1 or (iou_type is not None and kinds - {iou_type}):
-        raise ValueError(f"images scored together must share one IoU type, got {sorted(kinds | {iou_type} - {None})}")
-    iou_type = iou_type or (kinds.pop() if kinds else "mask")
-    fallback = iou_type == "mask"
-    if sequential is None:
-        sequential = fallback and not iou_threshold > 0.5
+    iou_type, fallback, sequential = _matching_rule(images, iou_threshold, sequential, iou_type)
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
     cls = cat([im.classes for im in images], np.int64)
     conf = cat([im.conf for im in images], np.float64)
@@ -546,11 +553,7 @@ def _bootstrap_table(images: list[_ImageEval], iou_threshold: float) -> dict[str
     (:func:`_true_positives`) and its ranking is a merge of sorted runs."""
     if not images:
         return {}
-    kinds = {im.iou_type for im in images}
-    if len(kinds) > 1:
-        raise ValueError(f"images scored together must share one IoU type, got {sorted(kinds)}")
-    fallback = kinds.pop() == "mask"
-    sequential = fallback and not iou_threshold > 0.5
+    _, fallback, sequential = _matching_rule(images, iou_threshold)
     cls = np.concatenate([im.classes for im in images]).astype(np.int64, copy=False)
     conf = np.concatenate([im.conf for im in images]).astype(np.float64, copy=False)
     order = np.lexsort((-conf, cls))
