@@ -10,6 +10,9 @@ import numpy as np
 from hpa.constants import CLASS_NAMES, NUM_CLASSES
 from hpa.utils.fs import atomic_path
 
+#: Fewer true test cells than this: the report says that class's AP is a matter of a few ranks.
+FEW_TRUE_CELLS = 5
+
 DESCRIPTIONS = {
     "broadcast": "image probabilities given to every cell",
     "cam": "cell CAM score x image probability",
@@ -94,15 +97,25 @@ def _score_lines(r: dict) -> list[str]:
                 row += (f" {s['gain']:+.4f} | {s['ci95'][0]:+.4f} to {s['ci95'][1]:+.4f} | {100 * s['p_better']:.0f}% |"
                         if s else " - | - | - |")
             lines.append(row)
+    true = r.get("true_per_class")  # reports written before it have no count column
     for m in modes:
         methods = bm[m]["methods"]
-        lines += ["", f"### AP per class ({m})", "", "| class | " + " | ".join(methods) + " |",
-                  "|---|" + "---|" * len(methods)]
+        count = ["true cells (images)"] if true else []
+        lines += ["", f"### AP per class ({m})", "", "| class | " + " | ".join(count + list(methods)) + " |",
+                  "|---|" + "---|" * (len(methods) + len(count))]
         for c in range(NUM_CLASSES):
             vals = [methods[n]["ap_per_class"][c] for n in methods]
             if all(v is None for v in vals):
                 continue
-            lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join(_fmt(v, ".3f") for v in vals) + " |")
+            n = [f"{true['cells'][c]} ({true['images'][c]})"] if true else []
+            lines.append(f"| {c} {CLASS_NAMES[c]} | " + " | ".join(n + [_fmt(v, ".3f") for v in vals]) + " |")
+    few = [c for c in range(NUM_CLASSES) if true and 0 < true["cells"][c] < FEW_TRUE_CELLS]
+    if few:
+        lines += ["", f"Classes with fewer than {FEW_TRUE_CELLS} true test cells: "
+                  + ", ".join(f"{c} {CLASS_NAMES[c]} ({true['cells'][c]})" for c in few)
+                  + f". Their AP is decided by the rank of those few cells: each moves the mAP by up to "
+                  f"1/{NUM_CLASSES} = {1 / NUM_CLASSES:.3f}; compare methods on a larger test split, or on the "
+                  "classes with more cells."]
     if any(e.get("ablations") for e in bm.values()):
         lines += ["", "## Combination rule (submitted cell model)", "",
                   "| variant |" + "".join(f" {m} mAP |" for m in modes), "|---|" + "---|" * len(modes)]

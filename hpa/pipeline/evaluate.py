@@ -24,7 +24,7 @@ import pandas as pd
 from hpa.config import Settings
 from hpa.constants import NEGATIVE, NUM_CLASSES, PROB_COLS
 from hpa.eval import gt as gtmod
-from hpa.eval.benchmark import read_ground_truth, score_methods, segmentation_quality, step_gains
+from hpa.eval.benchmark import read_ground_truth, score_methods, segmentation_quality, step_gains, true_cells_per_class
 from hpa.eval.metric import MODES
 from hpa.eval.report import NEEDS_GT, plot_ap, render_markdown
 from hpa.pipeline.predict import CONF_COLS, METHODS, final_method, method_confidences
@@ -69,6 +69,7 @@ def build_report(run: str | Path, cfg: Settings, mode: str = "oid") -> dict:
     table = cell_table(run, data_dir, "test", sc.topk_frac, sc.work_size, view=sc.cell_view)
     gt = read_ground_truth(data_dir, "test")
     report["segmentation"] = segmentation_quality(run, data_dir, gt)
+    report["true_per_class"] = true_cells_per_class(gt)
     p = cfg.predict
     confs = {}
     for m in METHODS:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpa.eval.benchmark import read_ground_truth, score_methods, segmentation_quality
+from hpa.eval.benchmark import read_ground_truth, score_methods, segmentation_quality, true_cells_per_class
 from hpa.io.fields import write_mask
 
 
@@ -35,6 +35,15 @@ def test_ground_truth_holds_images_without_cells(folders):
     data, _ = folders
     gt = read_ground_truth(data, "test")
     assert list(gt) == ["A", "B", "E"] and gt["E"][1] == {} and gt["E"][0].max() == 0
+
+
+def test_true_cells_per_class_counts_cells_and_images(folders):
+    data, _ = folders
+    n = true_cells_per_class(read_ground_truth(data, "test"))
+    assert n["cells"][:3] == [2, 1, 0] and n["images"][:3] == [2, 1, 0] and sum(n["cells"]) == 3
+    both = {"X": (None, {1: [0, 5], 2: [5], 3: [18]})}  # a cell of two classes counts for both
+    n = true_cells_per_class(both)
+    assert (n["cells"][0], n["cells"][5], n["cells"][18], n["images"][5]) == (1, 2, 1, 1)
 
 
 def test_segmentation_recall_counts_every_true_test_image(folders):

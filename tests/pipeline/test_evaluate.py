@@ -114,6 +114,14 @@ def test_report_markdown_scores_both_modes_side_by_side():
     assert "Submitted model `cycle1` reaches 0.750 (strict), 0.900 (oid) of the oracle." in md
     assert "| broadcast -> cycle1 | +0.1000 | -0.0100 to +0.2000 | 90% | +0.1000 | +0.0500 to +0.1500 | 100% |" in md
     assert "### AP per class (strict)" in md and "### AP per class (oid)" in md
+    assert "| 0 Nucleoplasm | 0.500 | 0.600 | 0.800 |" in md and "true cells (images)" not in md  # an older report
+    r["true_per_class"] = {"cells": [3] + [0] * 18, "images": [2] + [0] * 18}
+    md2 = render_markdown(r)
+    assert "| class | true cells (images) | broadcast | cycle1 | oracle |" in md2
+    assert "| 0 Nucleoplasm | 3 (2) | 0.500 | 0.600 | 0.800 |" in md2
+    assert "fewer than 5 true test cells: 0 Nucleoplasm (3)." in md2 and "1/19 = 0.053" in md2
+    r["true_per_class"]["cells"][0] = 5
+    assert "fewer than 5" not in render_markdown(r)
     assert md.index("| v2 | 0.6000 | 0.7000 |") < md.index("| v1 | 0.5000 | 0.9000 |")  # sorted by the lead mode
     lines = summary_table(r).splitlines()
     assert lines[1].startswith("cycle1     mAP strict=0.6000  oid=0.9000")
