@@ -317,6 +317,8 @@ class PseudoSettings(Section):
     neg_threshold: float = setting(0.1, "a cell whose best score is below this becomes Negative (18)", ge=0, le=1)
     multi_label: bool = setting(True, "positive cells also take the other image classes they pass (soft, uniform "
                                       "targets)")
+    top_cell_per_label: bool = setting(False, "each image class no cell passes goes to the image's cell with the most "
+                                              "evidence for it (multiple-instance rule; docs/pseudo_labels.md)")
     cycle2: Cycle2Settings = field(default_factory=Cycle2Settings)
 
 

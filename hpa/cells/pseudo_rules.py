@@ -180,6 +180,35 @@ def label_sets(evidence: np.ndarray, label: np.ndarray, thresholds: np.ndarray,
     return sets
 
 
+def top_cell_per_label(label: np.ndarray, evidence: np.ndarray, image_index: np.ndarray) -> list[tuple[int, int]]:
+    """The multiple-instance guarantee: each class of an image is shown by at least one of its cells.
+
+    For every image (cells grouped by ``image_index``) and every class c < 18 with evidence in
+    it (the image's classes) that no cell of the image is labelled with, the cell with the
+    highest evidence for c. Returns ``[(cell row, c), ...]``; the caller gives a cell left out
+    or Negative the label c and adds c to a positive cell's label set
+    (``pseudo.top_cell_per_label``). The per-class thresholds of :func:`assign_labels` leave
+    classes whose evidence is weak everywhere (a rare class the image model barely knows, a
+    class one cell of a 50-cell field shows) with no label at all, so the cell model never
+    sees them; within its own image the top cell is usually right even then
+    (docs/pseudo_labels.md has the measured precision).
+    """
+    label = np.asarray(label)
+    ev = np.asarray(evidence, np.float32)
+    idx = np.asarray(image_index)
+    if not (len(label) == len(ev) == len(idx)):
+        raise ValueError(f"labels {label.shape}, evidence {ev.shape} and image index {idx.shape} disagree")
+    out = []
+    order = np.argsort(idx, kind="stable")
+    starts = np.flatnonzero(np.r_[True, idx[order][1:] != idx[order][:-1]]) if len(idx) else np.zeros(0, int)
+    for rows in np.split(order, starts[1:]) if len(idx) else []:
+        e = ev[rows, :NEGATIVE]
+        for c in np.flatnonzero(e.max(0) > 0):
+            if not (label[rows] == c).any():
+                out.append((int(rows[int(np.argmax(e[:, c]))]), int(c)))
+    return out
+
+
 def _fill_allowed(cell_probs: np.ndarray, image_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(P, allowed)``: the cell model's softmax and the classes a filled cell may take (its image's and Negative)."""
     p = np.asarray(cell_probs, np.float32)

@@ -26,6 +26,7 @@ from hpa.cells.pseudo_rules import (
     fill_targets,
     label_sets,
     mixed_evidence,
+    top_cell_per_label,
 )
 from hpa.cells.table import build_cell_table
 from hpa.config import PseudoSettings, Settings
@@ -193,6 +194,11 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: Pse
         probs = cell_model_evidence(raw, p.cycle2.evidence)
     q = p.pos_quantile if cycle == 1 else p.cycle2.pos_quantile
     label, conf, thr = assign_labels(ev, negative_image, q, p.pos_min, p.neg_threshold, probs, p.cycle2.weight)
+    extra: dict[int, list[int]] = {}
+    top_report = None
+    if p.top_cell_per_label:  # every image class reaches at least one of the image's cells
+        label, conf, extra, top_report = _top_cells(label, conf, mixed_evidence(ev, probs, p.cycle2.weight),
+                                                    table["ID"].to_numpy(), p.multi_label)
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
     sets = None
@@ -200,8 +206,12 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: Pse
         also = None if probs is None else (ev, class_thresholds(ev, p.pos_quantile, p.pos_min))
         rel = p.cycle2.secondary_rel if probs is not None else 0.0
         sets = label_sets(mixed_evidence(ev, probs, p.cycle2.weight), label, thr, also, rel)
+        for j, cs in extra.items():
+            sets[j] += [c for c in cs if c not in sets[j]]
         out["labels"] = ["|".join(map(str, c)) for c in sets]
     report = {"cycle": cycle, "thresholds": thr.tolist(), "coverage": coverage(label)}
+    if top_report is not None:
+        report["top_cell_per_label"] = top_report
     filled = np.zeros(len(label), bool)
     if raw is not None and p.cycle2.fill_weight > 0:
         filled, report["filled"] = _fill(out, label, conf, raw, img_labels, p.cycle2.fill_weight,
@@ -220,6 +230,28 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: Pse
     write_json(cdir / "pseudo_report.json", report)
     write_parquet(cdir / "pseudo_labels.parquet", out)  # last: its presence makes stage 04 skip the cycle
     return out
+
+
+def _top_cells(label: np.ndarray, conf: np.ndarray, evidence: np.ndarray, image_ids: np.ndarray,
+               multi_label: bool) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]], dict]:
+    """Apply :func:`top_cell_per_label`: a left-out or Negative top cell takes the class as its label; a
+    positive one gets it added to its label set (with ``multi_label``; otherwise it keeps its label alone).
+
+    Returns the new labels and confidences, ``{row: [added classes]}`` and the report entry.
+    """
+    label, conf = label.copy(), conf.copy()
+    extra: dict[int, list[int]] = {}
+    relabelled = np.zeros(NUM_CLASSES, np.int64)
+    added = np.zeros(NUM_CLASSES, np.int64)
+    for j, c in top_cell_per_label(label, evidence, pd.factorize(image_ids)[0]):
+        if label[j] < 0 or label[j] == NEGATIVE:
+            label[j], conf[j] = c, evidence[j, c]
+            relabelled[c] += 1
+        elif multi_label:
+            extra.setdefault(j, []).append(c)
+            added[c] += 1
+    log.info("top cell per image class: %d cells labelled, %d label sets extended", relabelled.sum(), added.sum())
+    return label, conf, extra, {"relabelled": relabelled.tolist(), "added_to_sets": added.tolist()}
 
 
 def _fill(out: pd.DataFrame, label: np.ndarray, conf: np.ndarray, raw: np.ndarray, img_labels: np.ndarray,

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from hpa.cells.pseudo_rules import assign_labels, cam_evidence, class_thresholds, diagnostics, fill_labels, fill_targets
+from hpa.cells.pseudo_rules import (
+    assign_labels,
+    cam_evidence,
+    class_thresholds,
+    diagnostics,
+    fill_labels,
+    fill_targets,
+    top_cell_per_label,
+)
 from hpa.cells.table import cell_cam_scores, cell_geometry, image_cell_rows
 from hpa.constants import NEGATIVE, NUM_CLASSES
 
@@ -188,3 +196,22 @@ def test_fill_targets_are_the_cell_models_probabilities_over_the_allowed_classes
     assert t[1, [3, 7, NEGATIVE]] == pytest.approx([1 / 3] * 3) and t.sum(1) == pytest.approx([1, 1])
     with pytest.raises(ValueError, match="disagree"):
         fill_targets(p[:1], img)
+
+
+def test_top_cell_per_label_names_the_best_cell_of_each_image_class_nobody_took():
+    # image 0: cells 0-2, classes 3 (taken by cell 0) and 11 (nobody: cell 2 has the most evidence);
+    # image 1: cells 3-4, class 11 (nobody, cell 3); image 2: cell 5, Negative only (no evidence)
+    ev = np.zeros((6, NUM_CLASSES), np.float32)
+    ev[0:3, 3] = [0.9, 0.2, 0.1]
+    ev[0:3, 11] = [0.05, 0.01, 0.08]
+    ev[3:5, 11] = [0.02, 0.01]
+    label = np.array([3, -1, NEGATIVE, -1, NEGATIVE, NEGATIVE])
+    image = np.array([5, 5, 5, 1, 1, 7])  # any image keys, rows need not be sorted by image
+    assert sorted(top_cell_per_label(label, ev, image)) == [(2, 11), (3, 11)]
+    # rows in another order give the same cells
+    perm = np.array([4, 0, 5, 2, 3, 1])
+    got = top_cell_per_label(label[perm], ev[perm], image[perm])
+    assert sorted((int(perm[j]), c) for j, c in got) == [(2, 11), (3, 11)]
+    assert top_cell_per_label(label[:0], ev[:0], image[:0]) == []
+    with pytest.raises(ValueError, match="disagree"):
+        top_cell_per_label(label, ev[:3], image)

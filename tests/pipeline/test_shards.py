@@ -229,3 +229,29 @@ def test_stage03_command_line_shards_and_merge(tmp_path):
     (out / "cells.csv").unlink()
     stage.main(["--run", str(tmp_path / "sharded"), "--merge", "2", *common])
     pd.testing.assert_frame_equal(a, pd.read_csv(out / "cells.csv", dtype={"ID": str}).drop(columns="seconds"))
+
+
+def test_stage04_top_cell_per_label_gives_every_image_class_a_cell(two_runs):
+    """pseudo.top_cell_per_label: the rule's labels stay; each image class no cell took goes to the image's
+    cell with the most evidence for it (a left-out or Negative cell is relabelled, a positive one extended)."""
+    import json
+
+    data, plain, top = two_runs
+    stage = _stage("04_pseudo_label.py")
+    common = ["--cycle", "1", "--data", str(data), "--profile", "quick"]
+    stage.main(["--run", str(plain), *common])
+    stage.main(["--run", str(top), *common, "pseudo.top_cell_per_label=true"])
+    a = pd.read_parquet(plain / "cycle1/pseudo_labels.parquet").set_index(["ID", "cell_id"])
+    b = pd.read_parquet(top / "cycle1/pseudo_labels.parquet").set_index(["ID", "cell_id"])
+    kept = a.index[a["label"] != NUM_CLASSES - 1]  # the rule's positive cells keep their label
+    assert (b.loc[kept, "label"] == a.loc[kept, "label"]).all()
+    labels = pd.read_csv(data / "train.csv").set_index("ID")["Label"]
+    cells = cell_table(top, data, "train", 0.25, 512)
+    for image_id, group in b.reset_index().groupby("ID"):
+        shown = {int(c) for s in group["labels"] for c in str(s).split("|")}
+        wanted = {int(c) for c in labels[image_id].split("|")} - {NUM_CLASSES - 1}
+        assert wanted <= shown, image_id
+    assert len(cells.ID.unique()) == b.reset_index().ID.nunique()
+    report = json.loads((top / "cycle1/pseudo_report.json").read_text())["top_cell_per_label"]
+    assert sum(report["relabelled"]) + sum(report["added_to_sets"]) > 0
+    assert "top_cell_per_label" not in json.loads((plain / "cycle1/pseudo_report.json").read_text())
