@@ -194,18 +194,18 @@ def make_pseudo_labels(run: str | Path, data_dir: str | Path, cycle: int, p: Pse
         probs = cell_model_evidence(raw, p.cycle2.evidence)
     q = p.pos_quantile if cycle == 1 else p.cycle2.pos_quantile
     label, conf, thr = assign_labels(ev, negative_image, q, p.pos_min, p.neg_threshold, probs, p.cycle2.weight)
+    mixed = mixed_evidence(ev, probs, p.cycle2.weight)  # cycle 1: ev itself
     extra: dict[int, list[int]] = {}
     top_report = None
     if p.top_cell_per_label:  # every image class reaches at least one of the image's cells
-        label, conf, extra, top_report = _top_cells(label, conf, mixed_evidence(ev, probs, p.cycle2.weight),
-                                                    table["ID"].to_numpy(), p.multi_label)
+        label, conf, extra, top_report = _top_cells(label, conf, mixed, table["ID"].to_numpy(), p.multi_label)
     out = table[["ID", "cell_id"]].copy()
     out["label"], out["confidence"], out["weight"] = label, conf, 1.0
     sets = None
     if p.multi_label:  # cycle 2: cycle 1's rule keeps its secondary classes (hpa.cells.pseudo_rules.label_sets)
         also = None if probs is None else (ev, class_thresholds(ev, p.pos_quantile, p.pos_min))
         rel = p.cycle2.secondary_rel if probs is not None else 0.0
-        sets = label_sets(mixed_evidence(ev, probs, p.cycle2.weight), label, thr, also, rel)
+        sets = label_sets(mixed, label, thr, also, rel)
         for j, cs in extra.items():
             sets[j] += [c for c in cs if c not in sets[j]]
         out["labels"] = ["|".join(map(str, c)) for c in sets]

@@ -210,7 +210,10 @@ def test_stage06_shards_merged_give_the_same_predictions_and_submission(two_runs
 
 
 def test_stage03_command_line_shards_and_merge(tmp_path):
-    from test_segment import _write_split
+    spec = importlib.util.spec_from_file_location("segment_helpers", ROOT / "tests" / "segment" / "test_segment.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)  # by path: the module runs alone too, not only after tests/segment
+    _write_split = helpers._write_split
 
     ids = _write_split(tmp_path / "data", n=3)
     stage = _stage("03_segment.py")
