@@ -199,9 +199,7 @@ def top_cell_per_label(label: np.ndarray, evidence: np.ndarray, image_index: np.
     if not (len(label) == len(ev) == len(idx)):
         raise ValueError(f"labels {label.shape}, evidence {ev.shape} and image index {idx.shape} disagree")
     out = []
-    order = np.argsort(idx, kind="stable")
-    starts = np.flatnonzero(np.r_[True, idx[order][1:] != idx[order][:-1]]) if len(idx) else np.zeros(0, int)
-    for rows in np.split(order, starts[1:]) if len(idx) else []:
+    for rows in pd.Series(idx).groupby(idx, sort=False).indices.values():
         e = ev[rows, :NEGATIVE]
         for c in np.flatnonzero(e.max(0) > 0):
             if not (label[rows] == c).any():

@@ -243,7 +243,7 @@ def _top_cells(label: np.ndarray, conf: np.ndarray, evidence: np.ndarray, image_
     extra: dict[int, list[int]] = {}
     relabelled = np.zeros(NUM_CLASSES, np.int64)
     added = np.zeros(NUM_CLASSES, np.int64)
-    for j, c in top_cell_per_label(label, evidence, pd.factorize(image_ids)[0]):
+    for j, c in top_cell_per_label(label, evidence, image_ids):
         if label[j] < 0 or label[j] == NEGATIVE:
             label[j], conf[j] = c, evidence[j, c]
             relabelled[c] += 1
